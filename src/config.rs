@@ -1,0 +1,341 @@
+//! Every setting of a node, read once from the environment (and flags) into a
+//! typed [`Config`], validated before any port is bound.
+//!
+//! This module is a leaf: it imports nothing else of the crate. Durations are
+//! given in (possibly fractional) seconds so tests can run timers at 0.2 s
+//! without special cases in the code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why a configuration was refused. Printed by `main` and the process exits.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} is invalid: {why}")]
+    Invalid { name: &'static str, why: String },
+    #[error("cannot read {path}: {source}")]
+    ReadKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(name: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        why: why.into(),
+    }
+}
+
+/// The raw settings as clap reads them from flags and environment variables.
+/// `Config::from_settings` turns them into the validated [`Config`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// HTTP + WebSocket listen address.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "0.0.0.0:3000")]
+    pub listen: String,
+    /// Redis URL; unset = embedded single-node mode.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Database URL (SQLite or PostgreSQL).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://switchboard.db?mode=rwc"
+    )]
+    pub database_url: String,
+    /// HS256 secret for JWTs.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RS256 or ES256 public key for JWTs.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Seconds of clock skew tolerated on `exp`.
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 0)]
+    pub jwt_leeway_secs: u64,
+    /// Comma-separated keys accepted in `X-API-Key` by `POST /api/publish`.
+    #[arg(long, env = "API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    #[arg(long, env = "OFFER_TIMEOUT_SECS", default_value_t = 300.0)]
+    pub offer_timeout_secs: f64,
+    #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 30.0)]
+    pub ping_interval_secs: f64,
+    #[arg(long, env = "SYNC_URL")]
+    pub sync_url: Option<String>,
+    #[arg(long, env = "SYNC_MAX_ATTEMPTS", default_value_t = 8)]
+    pub sync_max_attempts: u32,
+    #[arg(long, env = "SYNC_BACKOFF_MS", default_value_t = 500)]
+    pub sync_backoff_ms: u64,
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, env = "DISPATCH_RADIUS_KM", default_value_t = 10.0)]
+    pub dispatch_radius_km: f64,
+    #[arg(long, env = "DRIVER_STALE_SECS", default_value_t = 60.0)]
+    pub driver_stale_secs: f64,
+    #[arg(long, env = "BONUS_RATE", default_value_t = 0.05)]
+    pub bonus_rate: f64,
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65536)]
+    pub max_frame_bytes: usize,
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 25.0)]
+    pub shutdown_grace_secs: f64,
+    /// Messages a socket may have queued before it is closed as a slow consumer.
+    #[arg(long, env = "SEND_QUEUE_LEN", default_value_t = 1024)]
+    pub send_queue_len: usize,
+    /// Prefix of every Redis key and channel.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "sb:")]
+    pub redis_prefix: String,
+}
+
+impl Default for Settings {
+    /// The documented defaults, independent of the caller's environment.
+    fn default() -> Self {
+        use clap::{Args, FromArgMatches};
+        // Parse an empty command line with the `env` lookups stripped, so the
+        // defaults are exactly clap's `default_value`s above.
+        let mut cmd = Settings::augment_args(clap::Command::new("defaults"));
+        let ids: Vec<_> = cmd.get_arguments().map(|a| a.get_id().clone()).collect();
+        for id in ids {
+            cmd = cmd.mut_arg(id, |a| a.env(None::<&str>));
+        }
+        let matches = cmd.get_matches_from(["defaults"]);
+        Settings::from_arg_matches(&matches).expect("clap defaults parse")
+    }
+}
+
+/// How JWTs are verified.
+#[derive(Clone)]
+pub enum JwtKey {
+    /// HS256 with a shared secret; `generated` = made up at start (dev mode).
+    Secret { secret: Vec<u8>, generated: bool },
+    /// RS256 or ES256 public key in PEM.
+    PublicPem(Vec<u8>),
+}
+
+impl std::fmt::Debug for JwtKey {
+    // Never print a secret, not even in a debug dump of the config.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwtKey::Secret { generated, .. } => write!(f, "Secret {{ generated: {generated} }}"),
+            JwtKey::PublicPem(_) => write!(f, "PublicPem"),
+        }
+    }
+}
+
+/// The validated configuration of one node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub redis_url: Option<String>,
+    pub database_url: String,
+    pub jwt_key: JwtKey,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_leeway_secs: u64,
+    pub api_keys: Vec<String>,
+    pub offer_timeout: Duration,
+    pub ping_interval: Duration,
+    pub sync_url: Option<String>,
+    pub sync_max_attempts: u32,
+    pub sync_backoff: Duration,
+    pub node_id: String,
+    pub dispatch_radius_km: f64,
+    pub driver_stale: Duration,
+    pub bonus_rate: f64,
+    pub max_frame_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub send_queue_len: usize,
+    pub redis_prefix: String,
+    /// Run migrations at start (`serve --no-migrate` turns it off).
+    pub migrate: bool,
+}
+
+fn secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        return Err(invalid(
+            name,
+            format!("{v} is not a positive number of seconds"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".into())
+}
+
+impl Config {
+    /// Validates raw settings. Reads the public key file when one is named.
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = s
+            .listen
+            .parse()
+            .map_err(|e| invalid("SWITCHBOARD_LISTEN", format!("{:?}: {e}", s.listen)))?;
+        if let Some(url) = &s.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "REDIS_URL",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if !(s.database_url.starts_with("sqlite:")
+            || s.database_url.starts_with("postgres://")
+            || s.database_url.starts_with("postgresql://"))
+        {
+            return Err(invalid("DATABASE_URL", "must be sqlite:… or postgres://…"));
+        }
+        let jwt_key = match (&s.jwt_secret, &s.jwt_public_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "JWT_SECRET",
+                    "set either JWT_SECRET or JWT_PUBLIC_KEY_FILE, not both",
+                ));
+            }
+            (Some(secret), None) => {
+                if secret.len() < 16 {
+                    return Err(invalid("JWT_SECRET", "must be at least 16 bytes"));
+                }
+                JwtKey::Secret {
+                    secret: secret.as_bytes().to_vec(),
+                    generated: false,
+                }
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|source| ConfigError::ReadKey {
+                    path: path.clone(),
+                    source,
+                })?;
+                JwtKey::PublicPem(pem)
+            }
+            (None, None) => {
+                use rand::RngCore;
+                let mut secret = vec![0u8; 32];
+                rand::rng().fill_bytes(&mut secret);
+                JwtKey::Secret {
+                    secret,
+                    generated: true,
+                }
+            }
+        };
+        let api_keys: Vec<String> = s
+            .api_keys
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect();
+        if let Some(url) = &s.sync_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid("SYNC_URL", "must be an http:// or https:// URL"));
+        }
+        if s.sync_max_attempts == 0 {
+            return Err(invalid("SYNC_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        if !(s.dispatch_radius_km.is_finite() && s.dispatch_radius_km > 0.0) {
+            return Err(invalid("DISPATCH_RADIUS_KM", "must be a positive number"));
+        }
+        if !(s.bonus_rate.is_finite() && (0.0..=1.0).contains(&s.bonus_rate)) {
+            return Err(invalid("BONUS_RATE", "must be between 0 and 1"));
+        }
+        if !(128..=16 << 20).contains(&s.max_frame_bytes) {
+            return Err(invalid("MAX_FRAME_BYTES", "must be between 128 and 16 MiB"));
+        }
+        if s.send_queue_len == 0 {
+            return Err(invalid("SEND_QUEUE_LEN", "must be at least 1"));
+        }
+        if s.redis_prefix.is_empty() || s.redis_prefix.contains(char::is_whitespace) {
+            return Err(invalid("REDIS_PREFIX", "must be a non-empty word"));
+        }
+        Ok(Config {
+            listen,
+            redis_url: s.redis_url,
+            database_url: s.database_url,
+            jwt_key,
+            jwt_issuer: s.jwt_issuer,
+            jwt_audience: s.jwt_audience,
+            jwt_leeway_secs: s.jwt_leeway_secs,
+            api_keys,
+            offer_timeout: secs("OFFER_TIMEOUT_SECS", s.offer_timeout_secs)?,
+            ping_interval: secs("PING_INTERVAL_SECS", s.ping_interval_secs)?,
+            sync_url: s.sync_url,
+            sync_max_attempts: s.sync_max_attempts,
+            sync_backoff: Duration::from_millis(s.sync_backoff_ms.max(1)),
+            node_id: s.node_id.filter(|n| !n.is_empty()).unwrap_or_else(hostname),
+            dispatch_radius_km: s.dispatch_radius_km,
+            driver_stale: secs("DRIVER_STALE_SECS", s.driver_stale_secs)?,
+            bonus_rate: s.bonus_rate,
+            max_frame_bytes: s.max_frame_bytes,
+            shutdown_grace: secs("SHUTDOWN_GRACE_SECS", s.shutdown_grace_secs)?,
+            send_queue_len: s.send_queue_len,
+            redis_prefix: s.redis_prefix,
+            migrate: true,
+        })
+    }
+
+    /// A valid config with the documented defaults and nothing read from the
+    /// environment; tests adjust fields from here.
+    pub fn defaults() -> Config {
+        Config::from_settings(Settings::default()).expect("the defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.port(), 3000);
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.offer_timeout, Duration::from_secs(300));
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.max_frame_bytes, 65536);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(c.redis_prefix, "sb:");
+        assert!(matches!(
+            c.jwt_key,
+            JwtKey::Secret {
+                generated: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let s = Settings {
+            listen: "nope".into(),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("SWITCHBOARD_LISTEN"), "{e}");
+        let s = Settings {
+            jwt_secret: Some("short".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("JWT_SECRET"), "{e}");
+        let s = Settings {
+            offer_timeout_secs: -1.0,
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("OFFER_TIMEOUT_SECS"), "{e}");
+    }
+}

@@ -1,0 +1,183 @@
+//! The canonical, dialect-free description of what happened, and the rooms it
+//! targets.
+//!
+//! Producers (HTTP API, dispatcher, offer clock, sync worker) build an
+//! [`Event`]; the broker carries it between nodes as JSON (serialized once per
+//! publish); each node renders it once per dialect. This module is a leaf: it
+//! imports nothing else of the crate, and it never knows a wire format.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Room names, built in one place so producers and authorization agree.
+pub mod room {
+    pub const ADMIN: &str = "admin-orders";
+    pub fn city(city_id: i64) -> String {
+        format!("city-{city_id}-orders")
+    }
+    pub fn user(user_id: i64) -> String {
+        format!("user-{user_id}")
+    }
+    pub fn driver(driver_id: i64) -> String {
+        format!("driver-{driver_id}")
+    }
+    /// A room addressed to one person (its owner), as opposed to a staff room.
+    /// Seed 002 tells the creator `order-created` but staff `new-order`.
+    pub fn is_personal(room: &str) -> bool {
+        room.starts_with("user-")
+    }
+    /// Room names are short words; anything else is refused before it reaches
+    /// Redis (channel names are built from them).
+    pub fn is_valid(room: &str) -> bool {
+        !room.is_empty()
+            && room.len() <= 128
+            && room
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'.'))
+    }
+}
+
+/// One event, addressed to an ordered list of rooms. A socket in several of
+/// the rooms receives it once: on the first room of the list it is in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub rooms: Vec<String>,
+    /// When the event was produced, microseconds since the Unix epoch; the
+    /// end-to-end latency metric is measured from here.
+    pub at_us: i64,
+    pub kind: EventKind,
+}
+
+impl Event {
+    pub fn new(rooms: Vec<String>, kind: EventKind) -> Event {
+        Event {
+            rooms,
+            at_us: now_us(),
+            kind,
+        }
+    }
+
+    /// Index of `room` in the event's room list.
+    pub fn room_index(&self, room: &str) -> Option<usize> {
+        self.rooms.iter().position(|r| r == room)
+    }
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// ISO 8601 UTC with milliseconds, as the seeds print timestamps.
+pub fn iso_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Everything switchboard tells clients about. Orders travel as the JSON
+/// object of SPEC §4 (built by the domain layer), so this module stays free of
+/// the database model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "k", rename_all = "snake_case")]
+pub enum EventKind {
+    /// `POST /api/publish`: a backend's own message, rendered with its `type`
+    /// unchanged.
+    Custom {
+        ty: String,
+        data: Value,
+    },
+    OrderCreated {
+        order: Value,
+    },
+    /// The order after the change, the fields that changed, and the status
+    /// before it when the status changed.
+    OrderUpdated {
+        order: Value,
+        changed: Vec<String>,
+        old_status: Option<String>,
+        timestamp: String,
+    },
+    OrderDeleted {
+        id: i64,
+    },
+    /// An offer to a driver: the order JSON with `distance_to_pickup_km`.
+    OfferMade {
+        order: Value,
+    },
+    /// An offer that ended without acceptance (expired, passed on, cancelled).
+    OfferEnded {
+        order_id: i64,
+        message: String,
+    },
+    DriverLocation {
+        driver_id: i64,
+        latitude: f64,
+        longitude: f64,
+        heading: Option<f64>,
+        speed: Option<f64>,
+        timestamp: String,
+    },
+    BonusUpdated {
+        balance: f64,
+        /// `earned` or `used`.
+        operation: String,
+        amount: f64,
+        order_id: Option<i64>,
+        timestamp: String,
+    },
+    Sync {
+        ok: bool,
+        entity: String,
+        entity_id: i64,
+        error: Option<String>,
+        timestamp: String,
+    },
+}
+
+impl EventKind {
+    /// A bounded name for metrics labels (never the free-form custom type).
+    pub fn metric_name(&self) -> &'static str {
+        match self {
+            EventKind::Custom { .. } => "custom",
+            EventKind::OrderCreated { .. } => "order_created",
+            EventKind::OrderUpdated { .. } => "order_updated",
+            EventKind::OrderDeleted { .. } => "order_deleted",
+            EventKind::OfferMade { .. } => "offer_made",
+            EventKind::OfferEnded { .. } => "offer_ended",
+            EventKind::DriverLocation { .. } => "driver_location",
+            EventKind::BonusUpdated { .. } => "bonus_updated",
+            EventKind::Sync { .. } => "sync",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_json() {
+        let e = Event::new(
+            vec![room::ADMIN.into(), room::user(4)],
+            EventKind::Custom {
+                ty: "hello".into(),
+                data: serde_json::json!({"a": 1}),
+            },
+        );
+        let bytes = serde_json::to_vec(&e).unwrap();
+        let back: Event = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.room_index("user-4"), Some(1));
+    }
+
+    #[test]
+    fn room_names() {
+        assert!(room::is_valid("city-3-orders"));
+        assert!(!room::is_valid("a b"));
+        assert!(!room::is_valid(""));
+        assert!(!room::is_valid(&"x".repeat(129)));
+        assert!(room::is_personal("user-1"));
+        assert!(!room::is_personal("admin-orders"));
+    }
+}

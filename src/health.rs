@@ -1,0 +1,71 @@
+//! Readiness and the node heartbeat: every second, ping Redis and the DB,
+//! and (cluster mode) publish this node's line of `/api/stats` to Redis.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::time::timeout;
+
+use crate::metrics as m;
+use crate::node::App;
+
+const PERIOD: Duration = Duration::from_secs(1);
+/// A node missing this many heartbeats drops out of `/api/stats`.
+pub const NODE_TTL_SECS: u64 = 10;
+
+pub async fn run(app: Arc<App>) {
+    let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => check_once(&app).await,
+            _ = app.stop.cancelled() => return,
+        }
+    }
+}
+
+pub async fn check_once(app: &App) {
+    let db_ok = matches!(
+        timeout(Duration::from_secs(2), app.db.ping()).await,
+        Ok(Ok(()))
+    );
+    if app.health.db_ok.swap(db_ok, Ordering::Relaxed) != db_ok {
+        tracing::warn!(db_ok, "database reachability changed");
+    }
+    if let Some(pool) = &app.redis {
+        let start = Instant::now();
+        let ok = timeout(Duration::from_secs(2), heartbeat(app, pool))
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r);
+        metrics::histogram!(m::REDIS_DURATION, "op" => "heartbeat")
+            .record(start.elapsed().as_secs_f64());
+        if let Err(e) = &ok {
+            metrics::counter!(m::REDIS_ERRORS, "op" => "heartbeat").increment(1);
+            tracing::debug!(error = %e, "redis heartbeat failed");
+        }
+        if app.health.redis_ok.swap(ok.is_ok(), Ordering::Relaxed) != ok.is_ok() {
+            tracing::warn!(redis_ok = ok.is_ok(), "redis reachability changed");
+        }
+    }
+    metrics::gauge!(m::READY).set(if app.is_ready() { 1.0 } else { 0.0 });
+}
+
+async fn heartbeat(app: &App, pool: &deadpool_redis::Pool) -> Result<(), String> {
+    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+    let prefix = &app.config.redis_prefix;
+    let id = &app.config.node_id;
+    redis::pipe()
+        .set_ex(
+            format!("{prefix}node:{id}"),
+            app.node_stats().to_string(),
+            NODE_TTL_SECS,
+        )
+        .ignore()
+        .sadd(format!("{prefix}nodes"), id)
+        .ignore()
+        .exec_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,166 @@
+//! The HTTP side of the one listener: routing, JSON in and out, the error
+//! body of SPEC §6, request metrics. WebSocket upgrades are handed to `ws`.
+//! One file per API area.
+
+mod ops;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::auth::Identity;
+use crate::metrics as m;
+use crate::node::App;
+
+pub type Resp = Response<Full<Bytes>>;
+
+const MAX_BODY: usize = 1 << 20;
+
+/// Every way a request can fail; each maps to a status and a snake_case code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// A business rule was broken (422), with its own code.
+    #[error("{message}")]
+    Rule { code: &'static str, message: String },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Rule { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Rule { code, .. } => code,
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+pub fn error_response(e: ApiError) -> Resp {
+    if matches!(e, ApiError::Internal(_)) {
+        tracing::error!(error = %e, "internal error");
+    }
+    json_response(
+        e.status(),
+        &json!({"error": {"code": e.code(), "message": e.to_string()}}),
+    )
+}
+
+pub fn json_response(status: StatusCode, v: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(v).expect("a Value always serializes"),
+    )));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn empty(status: StatusCode) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+/// Reads a JSON body of at most 1 MiB.
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// The caller's identity from `Authorization: Bearer` (or `?token=`).
+pub fn identity<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
+    app.verifier
+        .verify(crate::ws::token_of(req, None).as_deref())
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let start = Instant::now();
+    if let Some((dialect, path_token)) = crate::ws::endpoint(req.uri().path())
+        && fastwebsockets::upgrade::is_upgrade_request(&req)
+    {
+        if app.drain.is_cancelled() {
+            return Ok(error_response(ApiError::Unavailable(
+                "node is draining".into(),
+            )));
+        }
+        return Ok(crate::ws::upgrade(app, req, dialect, path_token));
+    }
+    let (route, result) = route(&app, req).await;
+    let resp = result.unwrap_or_else(error_response);
+    let status = resp.status().as_u16().to_string();
+    metrics::histogram!(m::HTTP_DURATION, "route" => route, "status" => status.clone())
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+    Ok(resp)
+}
+
+/// Picks the handler; the first value is the bounded route label for metrics.
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Result<Resp, ApiError>) {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (&method, segs.as_slice()) {
+        (&Method::GET, [""]) => ("/", Ok(ops::index(app))),
+        (&Method::GET, ["ws"]) | (&Method::GET, ["ws", "driver", "orders", ..]) => (
+            "/ws",
+            Err(ApiError::BadRequest(
+                "this is a WebSocket endpoint: connect with a WebSocket client".into(),
+            )),
+        ),
+        (&Method::GET, ["healthz"]) => ("/healthz", Ok(ops::healthz())),
+        (&Method::GET, ["readyz"]) => ("/readyz", Ok(ops::readyz(app))),
+        (&Method::GET, ["metrics"]) => ("/metrics", Ok(ops::metrics(app))),
+        (&Method::POST, ["api", "publish"]) => ("/api/publish", ops::publish(app, req).await),
+        (&Method::GET, ["api", "stats"]) => ("/api/stats", ops::stats(app, req).await),
+        _ => (
+            "unmatched",
+            Err(ApiError::NotFound(format!("no route for {method} {path}"))),
+        ),
+    }
+}

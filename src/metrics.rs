@@ -1,0 +1,105 @@
+//! Every metric name, described once. Labels stay bounded: dialect, kind,
+//! route, status, op — never a room, user or order id.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SOCKETS_OPEN: &str = "switchboard_sockets_open";
+pub const SOCKETS_OPENED: &str = "switchboard_sockets_opened_total";
+pub const WS_MESSAGES_IN: &str = "switchboard_ws_messages_in_total";
+pub const WS_MESSAGES_OUT: &str = "switchboard_ws_messages_out_total";
+pub const WS_ERRORS: &str = "switchboard_ws_errors_total";
+pub const SLOW_CONSUMERS: &str = "switchboard_slow_consumers_total";
+pub const BROKER_PUBLISHED: &str = "switchboard_broker_published_total";
+pub const BROKER_RECEIVED: &str = "switchboard_broker_received_total";
+pub const BROKER_RECONNECTS: &str = "switchboard_broker_reconnects_total";
+pub const DELIVERY_LATENCY: &str = "switchboard_delivery_latency_seconds";
+pub const REDIS_DURATION: &str = "switchboard_redis_command_duration_seconds";
+pub const REDIS_ERRORS: &str = "switchboard_redis_errors_total";
+pub const HTTP_DURATION: &str = "switchboard_http_request_duration_seconds";
+pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
+pub const READY: &str = "switchboard_ready";
+pub const DISPATCH_DURATION: &str = "switchboard_dispatch_duration_seconds";
+pub const OFFERS: &str = "switchboard_offers_total";
+pub const DRIVER_LOCATIONS: &str = "switchboard_driver_locations_total";
+
+/// Sub-millisecond to seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once (several in-process nodes in a
+/// test share it) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(SOCKETS_OPEN, "WebSocket connections open, by dialect");
+    describe_counter!(SOCKETS_OPENED, "WebSocket connections accepted, by dialect");
+    describe_counter!(
+        WS_MESSAGES_IN,
+        "Messages received from sockets, by dialect and type"
+    );
+    describe_counter!(
+        WS_MESSAGES_OUT,
+        "Event frames queued to sockets, by dialect and kind"
+    );
+    describe_counter!(
+        WS_ERRORS,
+        "Error messages sent to sockets, by dialect and code"
+    );
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Sockets closed because their send queue overflowed"
+    );
+    describe_counter!(BROKER_PUBLISHED, "Room messages published to the broker");
+    describe_counter!(BROKER_RECEIVED, "Room messages received from the broker");
+    describe_counter!(BROKER_RECONNECTS, "Times the broker subscriber reconnected");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "Event produced (any node) to frames queued on this node"
+    );
+    describe_histogram!(
+        REDIS_DURATION,
+        Unit::Seconds,
+        "Redis command latency, by op"
+    );
+    describe_counter!(REDIS_ERRORS, "Redis command errors, by op");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request latency, by route and status"
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status");
+    describe_gauge!(
+        READY,
+        "1 when the node is ready (Redis and DB reachable, not draining)"
+    );
+    describe_histogram!(
+        DISPATCH_DURATION,
+        Unit::Seconds,
+        "Time to pick a driver and make an offer"
+    );
+    describe_counter!(
+        OFFERS,
+        "Offers by outcome: made, accepted, declined, expired"
+    );
+    describe_counter!(DRIVER_LOCATIONS, "Driver positions ingested");
+}

@@ -1,0 +1,322 @@
+//! The three wire dialects: pure translations between socket bytes and typed
+//! messages. No IO, no hub, broker, store or domain here.
+//!
+//! - [`Dialect::Rooms`] (`/`, seed 002): `{type, data}`, rooms joined by name.
+//! - [`Dialect::Events`] (`/ws`, seed 000): `{type, payload}`, upper-case types.
+//! - [`Dialect::Driver`] (`/ws/driver/orders/`, seed 001): `{type, ...fields}`.
+//!
+//! Each dialect renders an [`Event`] once per node (the caller caches the
+//! bytes) and returns `None` for events it does not carry.
+
+mod driver;
+mod events;
+mod rooms;
+
+use serde_json::{Map, Value, json};
+
+use crate::event::Event;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    Rooms,
+    Events,
+    Driver,
+}
+
+pub const ALL: [Dialect; 3] = [Dialect::Rooms, Dialect::Events, Dialect::Driver];
+
+/// What a client asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Ping,
+    JoinRoom(String),
+    LeaveRoom(String),
+    Location(Location),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Location {
+    pub latitude: f64,
+    pub longitude: f64,
+    pub heading: Option<f64>,
+    pub speed: Option<f64>,
+}
+
+/// A message the client sent that cannot be acted on. The socket stays open
+/// (except after a frame over the hard size cap, see `ws::conn`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("malformed JSON: {0}")]
+    BadJson(String),
+    #[error("a message must be a JSON object with a string \"type\"")]
+    NoType,
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("{0}")]
+    BadField(String),
+    #[error("binary frames are not supported; send JSON text")]
+    Binary,
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+}
+
+impl ProtoError {
+    /// The error `code` clients see (snake_case, one catalogue: ARCHITECTURE.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProtoError::BadJson(_) => "bad_json",
+            ProtoError::NoType => "bad_message",
+            ProtoError::UnknownType(_) => "unknown_type",
+            ProtoError::BadField(_) => "bad_message",
+            ProtoError::Binary => "binary_not_supported",
+            ProtoError::TooLarge { .. } => "frame_too_large",
+        }
+    }
+}
+
+/// Server messages that are not events: connect messages, acks, errors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply<'a> {
+    Pong,
+    /// Seed 002 `connected`; seed 000 `CONNECTED`; driver `connection_established`.
+    Connected {
+        user_id: i64,
+        role: &'a str,
+        driver_id: i64,
+    },
+    /// Driver `initial_orders` (other dialects send nothing).
+    InitialOrders(&'a [Value]),
+    RoomJoined(&'a str),
+    RoomLeft(&'a str),
+    Error {
+        code: &'a str,
+        message: &'a str,
+    },
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Rooms => "rooms",
+            Dialect::Events => "events",
+            Dialect::Driver => "driver",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Parses one text message.
+    pub fn parse(self, bytes: &[u8]) -> Result<Command, ProtoError> {
+        let v: Value =
+            serde_json::from_slice(bytes).map_err(|e| ProtoError::BadJson(e.to_string()))?;
+        let obj = v.as_object().ok_or(ProtoError::NoType)?;
+        let ty = obj
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or(ProtoError::NoType)?;
+        // The body of a message: `data` (rooms), `payload` (events), the
+        // object itself (driver). Falls back to the top level so a client
+        // that puts fields next to `type` is understood everywhere.
+        let body_key = match self {
+            Dialect::Rooms => Some("data"),
+            Dialect::Events => Some("payload"),
+            Dialect::Driver => None,
+        };
+        let body = body_key
+            .and_then(|k| obj.get(k))
+            .and_then(Value::as_object)
+            .unwrap_or(obj);
+        // `join-room`, `JOIN_ROOM` and `join_room` are one command.
+        let norm = ty.to_ascii_lowercase().replace('_', "-");
+        match norm.as_str() {
+            "ping" => Ok(Command::Ping),
+            "join-room" => Ok(Command::JoinRoom(room_id(body)?)),
+            "leave-room" => Ok(Command::LeaveRoom(room_id(body)?)),
+            "location" => Ok(Command::Location(location(body)?)),
+            _ => Err(ProtoError::UnknownType(ty.chars().take(64).collect())),
+        }
+    }
+
+    /// Renders an event for a socket that receives it through a personal
+    /// (`user-…`) room or not; `None` when this dialect does not carry it.
+    pub fn render(self, event: &Event, personal: bool) -> Option<Vec<u8>> {
+        let v = match self {
+            Dialect::Rooms => rooms::render(&event.kind, personal),
+            Dialect::Events => events::render(&event.kind),
+            Dialect::Driver => driver::render(&event.kind),
+        }?;
+        Some(serde_json::to_vec(&v).expect("a Value always serializes"))
+    }
+
+    pub fn reply(self, reply: &Reply<'_>) -> Vec<u8> {
+        let v = match reply {
+            Reply::Pong => json!({"type": "pong"}),
+            Reply::RoomJoined(room) => self.wrap("room-joined", json!({"roomId": room})),
+            Reply::RoomLeft(room) => self.wrap("room-left", json!({"roomId": room})),
+            Reply::Error { code, message } => self.wrap(
+                match self {
+                    Dialect::Events => "ERROR",
+                    _ => "error",
+                },
+                json!({"code": code, "message": message}),
+            ),
+            Reply::Connected {
+                user_id,
+                role,
+                driver_id,
+            } => match self {
+                Dialect::Rooms => {
+                    json!({"type": "connected", "data": {"userId": user_id, "role": role}})
+                }
+                Dialect::Events => {
+                    json!({"type": "CONNECTED", "payload": {"userId": user_id, "role": role}})
+                }
+                Dialect::Driver => json!({
+                    "type": "connection_established",
+                    "message": "Connected to driver orders",
+                    "driver_id": driver_id,
+                }),
+            },
+            Reply::InitialOrders(orders) => json!({
+                "type": "initial_orders",
+                "orders": orders,
+                "message": "Current pending orders",
+            }),
+        };
+        serde_json::to_vec(&v).expect("a Value always serializes")
+    }
+
+    /// A message of `ty` with `body` in this dialect's shape.
+    fn wrap(self, ty: &str, body: Value) -> Value {
+        match self {
+            Dialect::Rooms => json!({"type": ty, "data": body}),
+            Dialect::Events => json!({"type": ty, "payload": body}),
+            Dialect::Driver => flatten(ty, body),
+        }
+    }
+}
+
+/// `{type, ...body}`; `type` wins over a `type` field inside the body, and a
+/// body that is not an object is kept under `data`.
+pub(crate) fn flatten(ty: &str, body: Value) -> Value {
+    let mut out = Map::new();
+    out.insert("type".into(), Value::String(ty.to_string()));
+    match body {
+        Value::Object(m) => {
+            for (k, v) in m {
+                if k != "type" {
+                    out.insert(k, v);
+                }
+            }
+        }
+        Value::Null => {}
+        other => {
+            out.insert("data".into(), other);
+        }
+    }
+    Value::Object(out)
+}
+
+fn room_id(body: &Map<String, Value>) -> Result<String, ProtoError> {
+    body.get("roomId")
+        .or_else(|| body.get("room"))
+        .and_then(Value::as_str)
+        .map(String::from)
+        .ok_or_else(|| ProtoError::BadField("roomId (string) is required".into()))
+}
+
+fn number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, ProtoError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(Some)
+            .ok_or_else(|| ProtoError::BadField(format!("{key} must be a number"))),
+        Some(_) => Err(ProtoError::BadField(format!("{key} must be a number"))),
+    }
+}
+
+fn location(body: &Map<String, Value>) -> Result<Location, ProtoError> {
+    let lat = number(body, "latitude")?
+        .ok_or_else(|| ProtoError::BadField("latitude is required".into()))?;
+    let lon = number(body, "longitude")?
+        .ok_or_else(|| ProtoError::BadField("longitude is required".into()))?;
+    if !(-85.05..=85.05).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+        return Err(ProtoError::BadField(
+            "latitude must be within ±85.05 and longitude within ±180".into(),
+        ));
+    }
+    Ok(Location {
+        latitude: lat,
+        longitude: lon,
+        heading: number(body, "heading")?,
+        speed: number(body, "speed")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_commands_in_each_shape() {
+        assert_eq!(
+            Dialect::Rooms.parse(br#"{"type":"ping"}"#),
+            Ok(Command::Ping)
+        );
+        assert_eq!(
+            Dialect::Rooms.parse(br#"{"type":"join-room","data":{"roomId":"admin-orders"}}"#),
+            Ok(Command::JoinRoom("admin-orders".into()))
+        );
+        assert_eq!(
+            Dialect::Events.parse(br#"{"type":"LEAVE_ROOM","payload":{"roomId":"x"}}"#),
+            Ok(Command::LeaveRoom("x".into()))
+        );
+        assert_eq!(
+            Dialect::Driver
+                .parse(br#"{"type":"location","latitude":41.3,"longitude":"69.2","speed":3}"#),
+            Ok(Command::Location(Location {
+                latitude: 41.3,
+                longitude: 69.2,
+                heading: None,
+                speed: Some(3.0)
+            }))
+        );
+    }
+
+    #[test]
+    fn parse_errors() {
+        assert_eq!(Dialect::Rooms.parse(b"{").unwrap_err().code(), "bad_json");
+        assert_eq!(
+            Dialect::Rooms.parse(b"[1]").unwrap_err().code(),
+            "bad_message"
+        );
+        assert_eq!(
+            Dialect::Rooms
+                .parse(br#"{"type":"dance"}"#)
+                .unwrap_err()
+                .code(),
+            "unknown_type"
+        );
+        assert_eq!(
+            Dialect::Rooms
+                .parse(br#"{"type":"join-room","data":{}}"#)
+                .unwrap_err()
+                .code(),
+            "bad_message"
+        );
+        assert_eq!(
+            Dialect::Driver
+                .parse(br#"{"type":"location","latitude":100,"longitude":1}"#)
+                .unwrap_err()
+                .code(),
+            "bad_message"
+        );
+    }
+}

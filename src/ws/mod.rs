@@ -1,0 +1,120 @@
+//! WebSocket endpoints: which path speaks which dialect, where the token is,
+//! and the upgrade. The per-socket tasks live in [`conn`].
+
+pub mod conn;
+pub mod dialect;
+pub mod frame;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use crate::node::App;
+use dialect::Dialect;
+
+/// The dialect served at `path`, and a token carried in the path (driver
+/// endpoint, seed 001: `/ws/driver/orders/{token}` with or without a trailing
+/// slash).
+pub fn endpoint(path: &str) -> Option<(Dialect, Option<String>)> {
+    match path {
+        "/" => Some((Dialect::Rooms, None)),
+        "/ws" | "/ws/" => Some((Dialect::Events, None)),
+        "/ws/driver/orders" | "/ws/driver/orders/" => Some((Dialect::Driver, None)),
+        _ => {
+            let rest = path.strip_prefix("/ws/driver/orders/")?;
+            let token = rest.strip_suffix('/').unwrap_or(rest);
+            (!token.is_empty() && !token.contains('/'))
+                .then(|| (Dialect::Driver, Some(token.to_string())))
+        }
+    }
+}
+
+/// The token of a request: `?token=`, else the path, else `Authorization: Bearer`.
+pub fn token_of<B>(req: &Request<B>, path_token: Option<String>) -> Option<String> {
+    req.uri()
+        .query()
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        })
+        .filter(|t| !t.is_empty())
+        .or(path_token)
+        .or_else(|| bearer(req))
+}
+
+pub fn bearer<B>(req: &Request<B>) -> Option<String> {
+    let h = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = h.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// Answers the upgrade and spawns the socket's task. The token is checked
+/// here, but a refusal is told over the socket (error message, then close
+/// 4001/4003), as the seeds' clients expect.
+pub fn upgrade(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+    dialect: Dialect,
+    path_token: Option<String>,
+) -> Response<Full<Bytes>> {
+    let token = token_of(&req, path_token);
+    let auth = app.verifier.verify(token.as_deref());
+    match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok((resp, fut)) => {
+            let tracker = app.tracker.clone();
+            tracker.spawn(conn::serve(app, fut, dialect, auth));
+            resp.map(|_| Full::new(Bytes::new()))
+        }
+        Err(e) => crate::http::error_response(crate::http::ApiError::BadRequest(format!(
+            "bad WebSocket upgrade: {e}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(endpoint("/"), Some((Dialect::Rooms, None)));
+        assert_eq!(endpoint("/ws"), Some((Dialect::Events, None)));
+        assert_eq!(
+            endpoint("/ws/driver/orders/"),
+            Some((Dialect::Driver, None))
+        );
+        assert_eq!(
+            endpoint("/ws/driver/orders/abc.def"),
+            Some((Dialect::Driver, Some("abc.def".into())))
+        );
+        assert_eq!(
+            endpoint("/ws/driver/orders/abc.def/"),
+            Some((Dialect::Driver, Some("abc.def".into())))
+        );
+        assert_eq!(endpoint("/api/orders"), None);
+        assert_eq!(endpoint("/ws/driver/orders/a/b"), None);
+    }
+
+    #[test]
+    fn token_sources() {
+        let r = Request::builder().uri("/?token=q").body(()).unwrap();
+        assert_eq!(token_of(&r, Some("p".into())).as_deref(), Some("q"));
+        let r = Request::builder()
+            .uri("/ws")
+            .header("authorization", "Bearer h")
+            .body(())
+            .unwrap();
+        assert_eq!(token_of(&r, None).as_deref(), Some("h"));
+        assert_eq!(token_of(&r, Some("p".into())).as_deref(), Some("p"));
+    }
+}
