@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a node (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate {
         #[arg(
@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Some(Cmd::Serve(args)) => rt.block_on(serve(args)),
+        Some(Cmd::Serve(args)) => rt.block_on(serve(*args)),
         None => {
             // `switchboard` alone = `switchboard serve` with env settings.
             let cmd = ServeArgs::augment_args(clap::Command::new("serve"));

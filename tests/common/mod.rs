@@ -1,0 +1,512 @@
+//! Test harness: real `redis-server` processes and real nodes on free ports,
+//! a WebSocket client and a small HTTP client. Everything a test starts is
+//! stopped by a `Drop` guard, pass or fail.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use switchboard::Node;
+use switchboard::config::{Config, JwtKey};
+use tokio::io::WriteHalf;
+use tokio::sync::{Mutex, mpsc};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+pub const API_KEY: &str = "test-api-key";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` of the test's own, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// (Re)starts the server on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A plain redis client for assertions.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A SQLite file shared by the nodes of one test cluster.
+pub struct TestDb {
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("sb.db").display());
+        TestDb { url, _dir: dir }
+    }
+}
+
+/// A node config for tests: loopback, free port, fixed secret and API key.
+pub fn config(db: &TestDb, redis: Option<&RedisServer>, node_id: &str) -> Config {
+    let mut c = Config::defaults();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.database_url = db.url.clone();
+    c.redis_url = redis.map(RedisServer::url);
+    c.jwt_key = JwtKey::Secret {
+        secret: SECRET.as_bytes().to_vec(),
+        generated: false,
+    };
+    c.api_keys = vec![API_KEY.to_string()];
+    c.node_id = node_id.to_string();
+    c.shutdown_grace = Duration::from_secs(5);
+    c
+}
+
+/// A running node, drained and stopped on drop.
+pub struct TestNode {
+    pub node: Option<Node>,
+    pub addr: SocketAddr,
+}
+
+impl TestNode {
+    pub async fn start(config: Config) -> TestNode {
+        let node = Node::start(config).await.expect("node starts");
+        let addr = node.addr();
+        TestNode {
+            node: Some(node),
+            addr,
+        }
+    }
+
+    pub fn app(&self) -> &Arc<switchboard::node::App> {
+        self.node.as_ref().unwrap().app()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.stop().await;
+        }
+    }
+
+    /// Waits until `/readyz` answers `ready` (or panics after `WAIT`).
+    pub async fn wait_ready(&self, ready: bool) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, _) = http(self.addr, "GET", "/readyz", &[], None).await;
+            if (status == 200) == ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "readyz never became {ready}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn publish(&self, room: &str, ty: &str, data: Value) {
+        let (s, b) = http(
+            self.addr,
+            "POST",
+            "/api/publish",
+            &[("x-api-key", API_KEY)],
+            Some(json!({"room": room, "type": ty, "data": data})),
+        )
+        .await;
+        assert_eq!(s, 204, "publish failed: {b}");
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(n) = self.node.take() {
+            // Dropping without awaiting: start the drain so tasks end.
+            n.shutdown();
+        }
+    }
+}
+
+/// A JWT signed with the test secret.
+pub fn token(claims: Value) -> String {
+    let mut c = claims;
+    if c.get("exp").is_none() {
+        c["exp"] = json!(jsonwebtoken::get_current_timestamp() + 3600);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &c,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn admin() -> String {
+    token(json!({"sub": "1", "role": "admin"}))
+}
+pub fn manager(id: i64, cities: &[i64]) -> String {
+    token(json!({"sub": id, "role": "manager", "city_ids": cities}))
+}
+pub fn driver(id: i64, city: i64) -> String {
+    token(json!({"user_id": id, "groups": ["Driver"], "city_id": city}))
+}
+pub fn user(id: i64) -> String {
+    token(json!({"userId": id, "role": "user", "city_id": 1}))
+}
+
+/// Plain HTTP/1 request; returns the status and the JSON body (Null if none).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value) {
+    let (status, bytes) = http_raw(addr, method, path, headers, body.map(|b| b.to_string())).await;
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    (status, v)
+}
+
+pub async fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (u16, Bytes) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("http timed out")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, bytes)
+}
+
+/// What a test client saw.
+#[derive(Debug)]
+pub enum Seen {
+    Json(Value),
+    Close(u16),
+}
+
+struct SpawnExecutor;
+impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
+where
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    fn execute(&self, fut: Fut) {
+        tokio::task::spawn(fut);
+    }
+}
+
+type Writer = Arc<Mutex<WebSocketWrite<WriteHalf<TokioIo<Upgraded>>>>>;
+
+/// A WebSocket client: a reader task turns frames into [`Seen`] items.
+pub struct Client {
+    rx: mpsc::UnboundedReceiver<Seen>,
+    writer: Writer,
+    reader: Option<tokio::task::JoinHandle<()>>,
+    /// Held (unread) when the client was opened with `read = false`.
+    parked: Option<fastwebsockets::WebSocketRead<tokio::io::ReadHalf<TokioIo<Upgraded>>>>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct ClientOpts {
+    /// Answer server pings.
+    pub auto_pong: bool,
+    /// Read at all (false = a consumer that never reads).
+    pub read: bool,
+}
+
+impl Default for ClientOpts {
+    fn default() -> Self {
+        ClientOpts {
+            auto_pong: true,
+            read: true,
+        }
+    }
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, path: &str) -> Client {
+        Client::connect_with(addr, path, &[], ClientOpts::default()).await
+    }
+
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        opts: ClientOpts,
+    ) -> Client {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = hyper::Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("host", addr.to_string())
+            .header(hyper::header::UPGRADE, "websocket")
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(
+                "Sec-WebSocket-Key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("Sec-WebSocket-Version", "13");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Empty::<Bytes>::new()).unwrap();
+        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
+            .await
+            .expect("websocket handshake");
+        let (mut rd, wr) = ws.split(tokio::io::split);
+        rd.set_auto_pong(false);
+        rd.set_auto_close(false);
+        let writer: Writer = Arc::new(Mutex::new(wr));
+        let (tx, rx) = mpsc::unbounded_channel();
+        if !opts.read {
+            return Client {
+                rx,
+                writer,
+                reader: None,
+                parked: Some(rd),
+            };
+        }
+        let w = writer.clone();
+        let reader = tokio::spawn(async move {
+            let mut fc = fastwebsockets::FragmentCollectorRead::new(rd);
+            let mut no_send = |_| async { Ok::<(), std::io::Error>(()) };
+            loop {
+                let Ok(frame) = fc.read_frame(&mut no_send).await else {
+                    let _ = tx.send(Seen::Close(1006));
+                    return;
+                };
+                match frame.opcode {
+                    OpCode::Text => {
+                        let v: Value =
+                            serde_json::from_slice(&frame.payload).expect("server sent JSON");
+                        let _ = tx.send(Seen::Json(v));
+                    }
+                    OpCode::Close => {
+                        let code = if frame.payload.len() >= 2 {
+                            u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+                        } else {
+                            1005
+                        };
+                        let _ = tx.send(Seen::Close(code));
+                        return;
+                    }
+                    OpCode::Ping if opts.auto_pong => {
+                        let p = frame.payload.to_vec();
+                        let _ = w
+                            .lock()
+                            .await
+                            .write_frame(Frame::pong(Payload::Owned(p)))
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Client {
+            rx,
+            writer,
+            reader: Some(reader),
+            parked: None,
+        }
+    }
+
+    pub async fn send_frame(&self, frame: Frame<'_>) {
+        self.writer
+            .lock()
+            .await
+            .write_frame(frame)
+            .await
+            .expect("client write");
+    }
+
+    pub async fn send_text(&self, s: &str) {
+        self.send_frame(Frame::text(Payload::Owned(s.as_bytes().to_vec())))
+            .await;
+    }
+
+    pub async fn send_json(&self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// The next message; panics on close or after `WAIT`.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_seen(WAIT).await {
+            Some(Seen::Json(v)) => v,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    pub async fn next_seen(&mut self, within: Duration) -> Option<Seen> {
+        tokio::time::timeout(within, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Skips messages until one of type `ty` arrives.
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_seen(left).await {
+                Some(Seen::Json(v)) if v["type"] == ty => return v,
+                Some(Seen::Json(_)) => continue,
+                other => panic!("waiting for {ty}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the close frame and returns its code.
+    pub async fn closed(&mut self) -> u16 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_seen(left).await {
+                Some(Seen::Close(c)) => return c,
+                Some(Seen::Json(_)) => continue,
+                None => panic!("socket was not closed within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for `d`.
+    pub async fn silent_for(&mut self, d: Duration) {
+        if let Some(s) = self.next_seen(d).await {
+            panic!("expected silence, got {s:?}");
+        }
+    }
+}
+
+/// Connects to `path` with `token` in the query and reads the connect
+/// message(s) of the dialect.
+pub async fn connect_ready(addr: SocketAddr, path: &str, token: &str) -> Client {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut c = Client::connect(addr, &format!("{path}{sep}token={token}")).await;
+    let first = c.recv().await;
+    match first["type"].as_str() {
+        Some("connected") | Some("CONNECTED") => {}
+        Some("connection_established") => {
+            let init = c.recv().await;
+            assert_eq!(init["type"], "initial_orders", "{init}");
+        }
+        _ => panic!("unexpected first message {first}"),
+    }
+    c
+}
