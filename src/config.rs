@@ -65,6 +65,10 @@ pub struct Settings {
     pub api_keys: Option<String>,
     #[arg(long, env = "OFFER_TIMEOUT_SECS", default_value_t = 300.0)]
     pub offer_timeout_secs: f64,
+    /// How long a node may take to expire a claimed offer before another
+    /// node takes it over.
+    #[arg(long, env = "OFFER_LEASE_SECS", default_value_t = 10.0)]
+    pub offer_lease_secs: f64,
     #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 30.0)]
     pub ping_interval_secs: f64,
     #[arg(long, env = "SYNC_URL")]
@@ -88,6 +92,10 @@ pub struct Settings {
     /// Messages a socket may have queued before it is closed as a slow consumer.
     #[arg(long, env = "SEND_QUEUE_LEN", default_value_t = 1024)]
     pub send_queue_len: usize,
+    /// Fault injection for tests: `hang-after-claim` makes the offer clock
+    /// stop right after claiming deadlines, as if the node died there.
+    #[arg(long, env = "SWITCHBOARD_FAULT", hide = true)]
+    pub fault: Option<String>,
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "REDIS_PREFIX", default_value = "sb:")]
     pub redis_prefix: String,
@@ -140,6 +148,7 @@ pub struct Config {
     pub jwt_leeway_secs: u64,
     pub api_keys: Vec<String>,
     pub offer_timeout: Duration,
+    pub offer_lease: Duration,
     pub ping_interval: Duration,
     pub sync_url: Option<String>,
     pub sync_max_attempts: u32,
@@ -152,6 +161,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub send_queue_len: usize,
     pub redis_prefix: String,
+    /// Test-only fault: the offer clock hangs after claiming (see Settings).
+    pub fault_hang_after_claim: bool,
     /// Run migrations at start (`serve --no-migrate` turns it off).
     pub migrate: bool,
 }
@@ -271,6 +282,7 @@ impl Config {
             jwt_leeway_secs: s.jwt_leeway_secs,
             api_keys,
             offer_timeout: secs("OFFER_TIMEOUT_SECS", s.offer_timeout_secs)?,
+            offer_lease: secs("OFFER_LEASE_SECS", s.offer_lease_secs)?,
             ping_interval: secs("PING_INTERVAL_SECS", s.ping_interval_secs)?,
             sync_url: s.sync_url,
             sync_max_attempts: s.sync_max_attempts,
@@ -283,6 +295,7 @@ impl Config {
             shutdown_grace: secs("SHUTDOWN_GRACE_SECS", s.shutdown_grace_secs)?,
             send_queue_len: s.send_queue_len,
             redis_prefix: s.redis_prefix,
+            fault_hang_after_claim: s.fault.as_deref() == Some("hang-after-claim"),
             migrate: true,
         })
     }

@@ -25,7 +25,9 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{AnyBroker, Broker, BrokerError, Sink};
 use crate::config::Config;
-use crate::event::{Event, EventKind, iso_now, room};
+use crate::dispatch::clock::{AnyClock, MemoryClock, RedisClock};
+use crate::dispatch::index::{AnyIndex, MemoryIndex, RedisIndex};
+use crate::event::{Event, iso_now};
 use crate::http::ApiError;
 use crate::hub::{ConnId, Hub, Outbox};
 use crate::metrics as m;
@@ -72,6 +74,8 @@ pub struct App {
     pub config: Config,
     pub hub: Arc<Hub>,
     pub broker: AnyBroker,
+    pub drivers: AnyIndex,
+    pub offers: AnyClock,
     pub verifier: Verifier,
     pub redis: Option<deadpool_redis::Pool>,
     pub db: DatabaseConnection,
@@ -128,27 +132,13 @@ impl App {
     }
 
     /// A driver's open offers for `initial_orders`.
-    pub async fn initial_orders(&self, _identity: &Identity) -> Result<Vec<Value>, ApiError> {
-        Ok(Vec::new())
+    pub async fn initial_orders(&self, identity: &Identity) -> Result<Vec<Value>, ApiError> {
+        crate::dispatch::open_offers(self, identity).await
     }
 
-    /// A driver reported its position: tell admins and its city.
+    /// A driver reported its position over its socket.
     pub async fn driver_location(&self, id: &Identity, loc: Location) -> Result<(), ApiError> {
-        metrics::counter!(m::DRIVER_LOCATIONS).increment(1);
-        let mut rooms = vec![room::ADMIN.to_string()];
-        rooms.extend(id.city_id.map(room::city));
-        self.publish(Event::new(
-            rooms,
-            EventKind::DriverLocation {
-                driver_id: id.driver_id,
-                latitude: loc.latitude,
-                longitude: loc.longitude,
-                heading: loc.heading,
-                speed: loc.speed,
-                timestamp: iso_now(),
-            },
-        ))
-        .await
+        crate::dispatch::driver_location(self, id, loc).await
     }
 
     /// This node's line of `/api/stats`.
@@ -179,8 +169,13 @@ impl Node {
         let db = crate::store::connect(&config.database_url, config.migrate).await?;
         let hub = Arc::new(Hub::default());
         let stop = CancellationToken::new();
-        let (broker, redis) = match &config.redis_url {
-            None => (AnyBroker::Memory(MemoryBroker::new(hub.clone())), None),
+        let (broker, drivers, offers, redis) = match &config.redis_url {
+            None => (
+                AnyBroker::Memory(MemoryBroker::new(hub.clone())),
+                AnyIndex::Memory(MemoryIndex::default()),
+                AnyClock::Memory(MemoryClock::default()),
+                None,
+            ),
             Some(url) => {
                 let client = redis::Client::open(url.as_str())
                     .map_err(|e| StartError::Redis(e.to_string()))?;
@@ -192,7 +187,16 @@ impl Node {
                     hub.clone(),
                     stop.clone(),
                 );
-                (AnyBroker::Redis(broker), Some(pool))
+                (
+                    AnyBroker::Redis(broker),
+                    AnyIndex::Redis(RedisIndex::new(pool.clone(), &config.redis_prefix)),
+                    AnyClock::Redis(RedisClock::new(
+                        pool.clone(),
+                        &config.redis_prefix,
+                        config.offer_lease,
+                    )),
+                    Some(pool),
+                )
             }
         };
         let listener =
@@ -223,6 +227,8 @@ impl Node {
             config,
             hub,
             broker,
+            drivers,
+            offers,
             verifier,
             redis,
             db,
@@ -237,6 +243,13 @@ impl Node {
         });
         crate::health::check_once(&app).await;
         tokio::spawn(crate::health::run(app.clone()));
+        match crate::dispatch::reseed(&app).await {
+            Ok(n) if n > 0 => tracing::info!(offers = n, "re-seeded open offer deadlines"),
+            Ok(_) => {}
+            // The clock's database sweep catches these up once Redis is back.
+            Err(e) => tracing::warn!(error = %e, "could not re-seed offer deadlines"),
+        }
+        tokio::spawn(crate::dispatch::run_clock(app.clone()));
         let done = tokio::spawn(serve(listener, app.clone()));
         tracing::info!(%addr, node_id = %app.config.node_id, mode = if app.redis.is_some() { "cluster" } else { "embedded" }, "switchboard listening");
         Ok(Node { addr, app, done })

@@ -1,1 +1,6 @@
-//! SeaORM entities.
+//! SeaORM entities: one module per table. Only `store` uses them.
+
+pub mod bonus_account;
+pub mod bonus_operation;
+pub mod offer;
+pub mod order;

@@ -1,12 +1,15 @@
 //! Schema migrations, run at `serve` start and by `switchboard migrate`.
+//! Named `mYYYYMMDD_NNNNNN_verb_noun`; each has a `down`.
 
 pub use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_create_orders;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![]
+        vec![Box::new(m20261125_000001_create_orders::Migration)]
     }
 }

@@ -2,7 +2,10 @@
 //! body of SPEC §6, request metrics. WebSocket upgrades are handed to `ws`.
 //! One file per API area.
 
+mod bonuses;
+mod driver;
 mod ops;
+mod orders;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -101,6 +104,74 @@ pub fn empty(status: StatusCode) -> Resp {
     r
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::InsufficientBonuses { .. } => ApiError::Rule {
+                code: "insufficient_bonuses",
+                message: e.to_string(),
+            },
+            e if e.is_unavailable() => ApiError::Unavailable(format!("database: {e}")),
+            e => ApiError::Internal(format!("database: {e}")),
+        }
+    }
+}
+
+/// Query parameters of a request.
+pub fn query(req: &Request<Incoming>) -> std::collections::HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// `limit` (1..=200, default 50) and `cursor` (opaque; an id here).
+pub struct Page {
+    pub limit: u64,
+    pub cursor: Option<i64>,
+}
+
+impl Page {
+    pub fn from_query(q: &std::collections::HashMap<String, String>) -> Result<Page, ApiError> {
+        let limit = match q.get("limit") {
+            None => 50,
+            Some(l) => l
+                .parse::<u64>()
+                .ok()
+                .filter(|l| (1..=200).contains(l))
+                .ok_or_else(|| ApiError::BadRequest("limit must be 1 to 200".into()))?,
+        };
+        let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
+            None => None,
+            Some(c) => Some(
+                c.parse::<i64>()
+                    .map_err(|_| ApiError::BadRequest("invalid cursor".into()))?,
+            ),
+        };
+        Ok(Page { limit, cursor })
+    }
+
+    /// `{"items": [...], "next_cursor": …}`; `id_of` gives each item's id.
+    pub fn list<T>(
+        &self,
+        items: &[T],
+        id_of: impl Fn(&T) -> i64,
+        render: impl Fn(&T) -> Value,
+    ) -> Value {
+        let next = (items.len() as u64 == self.limit)
+            .then(|| items.last().map(|i| id_of(i).to_string()))
+            .flatten();
+        json!({"items": items.iter().map(render).collect::<Vec<_>>(), "next_cursor": next})
+    }
+}
+
+/// A path segment that must be an id.
+pub fn id_segment(s: &str) -> Result<i64, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{s:?} is not an id")))
+}
+
 /// Reads a JSON body of at most 1 MiB.
 pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let body = Limited::new(req.into_body(), MAX_BODY)
@@ -158,6 +229,56 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Result<
         (&Method::GET, ["metrics"]) => ("/metrics", Ok(ops::metrics(app))),
         (&Method::POST, ["api", "publish"]) => ("/api/publish", ops::publish(app, req).await),
         (&Method::GET, ["api", "stats"]) => ("/api/stats", ops::stats(app, req).await),
+        (&Method::POST, ["api", "orders"]) => ("/api/orders", orders::create(app, req).await),
+        (&Method::GET, ["api", "orders"]) => ("/api/orders", orders::list(app, req).await),
+        (&Method::GET, ["api", "orders", id]) => {
+            let id = id.to_string();
+            ("/api/orders/{id}", orders::get(app, req, &id).await)
+        }
+        (&Method::PATCH, ["api", "orders", id]) => {
+            let id = id.to_string();
+            ("/api/orders/{id}", orders::patch(app, req, &id).await)
+        }
+        (&Method::DELETE, ["api", "orders", id]) => {
+            let id = id.to_string();
+            ("/api/orders/{id}", orders::delete(app, req, &id).await)
+        }
+        (&Method::POST, ["api", "orders", id, "dispatch"]) => {
+            let id = id.to_string();
+            (
+                "/api/orders/{id}/dispatch",
+                orders::dispatch(app, req, &id).await,
+            )
+        }
+        (&Method::GET, ["api", "drivers", "nearby"]) => {
+            ("/api/drivers/nearby", orders::nearby(app, req).await)
+        }
+        (&Method::GET, ["api", "driver", "orders"]) => {
+            ("/api/driver/orders", driver::offers(app, req).await)
+        }
+        (&Method::POST, ["api", "driver", "orders", id, "accept"]) => {
+            let id = id.to_string();
+            (
+                "/api/driver/orders/{id}/accept",
+                driver::accept(app, req, &id).await,
+            )
+        }
+        (&Method::POST, ["api", "driver", "orders", id, "decline"]) => {
+            let id = id.to_string();
+            (
+                "/api/driver/orders/{id}/decline",
+                driver::decline(app, req, &id).await,
+            )
+        }
+        (&Method::POST, ["api", "driver", "location"]) => {
+            ("/api/driver/location", driver::location(app, req).await)
+        }
+        (&Method::POST, ["api", "driver", "status"]) => {
+            ("/api/driver/status", driver::status(app, req).await)
+        }
+        (&Method::GET, ["api", "bonuses", "me"]) => {
+            ("/api/bonuses/me", bonuses::me(app, req).await)
+        }
         _ => (
             "unmatched",
             Err(ApiError::NotFound(format!("no route for {method} {path}"))),

@@ -118,18 +118,100 @@ impl Drop for RedisServer {
     }
 }
 
-/// A SQLite file shared by the nodes of one test cluster.
+/// A database shared by the nodes of one test cluster: a SQLite file in a
+/// temp dir, or a fresh PostgreSQL database (dropped on drop).
 pub struct TestDb {
     pub url: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
 }
 
 impl TestDb {
     pub fn sqlite() -> TestDb {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("sb.db").display());
-        TestDb { url, _dir: dir }
+        TestDb {
+            url,
+            _dir: Some(dir),
+            pg: None,
+        }
     }
+
+    /// A new database on the server of `TEST_DATABASE_URL`; `None` when the
+    /// variable is unset (PostgreSQL variants are then skipped, loudly).
+    pub async fn postgres() -> Option<TestDb> {
+        let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
+            eprintln!("TEST_DATABASE_URL unset: skipping the PostgreSQL variant");
+            return None;
+        };
+        use sea_orm::ConnectionTrait;
+        let name = format!("sb_test_{:016x}", rand::random::<u64>());
+        let admin = sea_orm::Database::connect(&admin_url)
+            .await
+            .expect("TEST_DATABASE_URL reachable");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        admin.close().await.ok();
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(&admin_url);
+        Some(TestDb {
+            url: format!("{base}/{name}"),
+            _dir: None,
+            pg: Some((admin_url, name)),
+        })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin_url, name)) = self.pg.take() {
+            // Drop runs outside async: a short-lived runtime on its own thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    use sea_orm::ConnectionTrait;
+                    if let Ok(db) = sea_orm::Database::connect(&admin_url).await {
+                        let _ = db
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Runs a test body once on SQLite and once on PostgreSQL (when
+/// `TEST_DATABASE_URL` is set): `db_variants!(name, body_fn);` where
+/// `body_fn(TestDb)` is an async fn.
+#[macro_export]
+macro_rules! db_variants {
+    ($name:ident, $body:path) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $crate::common::init_tracing();
+                $body($crate::common::TestDb::sqlite()).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                $crate::common::init_tracing();
+                if let Some(db) = $crate::common::TestDb::postgres().await {
+                    $body(db).await;
+                }
+            }
+        }
+    };
 }
 
 /// A node config for tests: loopback, free port, fixed secret and API key.
@@ -509,4 +591,197 @@ pub async fn connect_ready(addr: SocketAddr, path: &str, token: &str) -> Client 
         _ => panic!("unexpected first message {first}"),
     }
     c
+}
+
+// ---- Helpers added for the wire, cluster and broker tests. ----
+
+/// A keep-alive HTTP/1 connection, for many requests in a row (thousands of
+/// publishes would otherwise open thousands of TCP connections).
+pub struct HttpConn {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl HttpConn {
+    pub async fn open(addr: SocketAddr) -> HttpConn {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        HttpConn { addr, sender }
+    }
+
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .unwrap();
+        tokio::time::timeout(WAIT, self.sender.ready())
+            .await
+            .expect("http connection ready")
+            .expect("http connection alive");
+        let resp = tokio::time::timeout(WAIT, self.sender.send_request(req))
+            .await
+            .expect("http timed out")
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, v)
+    }
+
+    /// `POST /api/publish` with any body; returns the status and JSON body.
+    pub async fn publish_body(&mut self, body: Value) -> (u16, Value) {
+        self.request(
+            "POST",
+            "/api/publish",
+            &[("x-api-key", API_KEY)],
+            Some(body),
+        )
+        .await
+    }
+}
+
+/// `POST /api/publish` with any body (e.g. `{"rooms": [..], ..}`), on a fresh
+/// connection; returns the status and JSON body.
+pub async fn publish_body(addr: SocketAddr, body: Value) -> (u16, Value) {
+    http(
+        addr,
+        "POST",
+        "/api/publish",
+        &[("x-api-key", API_KEY)],
+        Some(body),
+    )
+    .await
+}
+
+/// `GET /readyz` that tolerates a refused connection (a node that stopped
+/// accepting): `None` then.
+pub async fn readyz_status(addr: SocketAddr) -> Option<u16> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("/readyz")
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    Some(resp.status().as_u16())
+}
+
+/// The value of one Prometheus sample line (`name{labels} value`) in a
+/// `/metrics` text, summed over every line whose series starts with `series`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if name.starts_with(series)
+            && let Ok(v) = value.parse::<f64>()
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+impl Client {
+    /// Like [`Client::send_frame`], but a write error (the server closed the
+    /// connection under us) is returned instead of panicking.
+    pub async fn try_send_frame(
+        &self,
+        frame: Frame<'_>,
+    ) -> Result<(), fastwebsockets::WebSocketError> {
+        self.writer.lock().await.write_frame(frame).await
+    }
+
+    /// Sends one frame from a task of its own, so a test can read the
+    /// server's answer while a large frame is still being written. The task
+    /// yields whether the write succeeded.
+    pub fn spawn_send(&self, opcode: OpCode, payload: Vec<u8>) -> tokio::task::JoinHandle<bool> {
+        let w = self.writer.clone();
+        tokio::spawn(async move {
+            let frame = Frame::new(true, opcode, None, Payload::Owned(payload));
+            w.lock().await.write_frame(frame).await.is_ok()
+        })
+    }
+
+    /// Opens a socket that reads its first `skip` frames (the connect
+    /// messages, so the socket is known to be in its rooms) and then never
+    /// reads again: a consumer whose buffers fill up.
+    pub async fn connect_parked(addr: SocketAddr, path: &str, skip: usize) -> Client {
+        let mut c = Client::connect_with(
+            addr,
+            path,
+            &[],
+            ClientOpts {
+                read: false,
+                ..ClientOpts::default()
+            },
+        )
+        .await;
+        let rd = c.parked.as_mut().expect("opened parked");
+        let mut no_send = |_| async { Ok::<(), std::io::Error>(()) };
+        for _ in 0..skip {
+            let f = tokio::time::timeout(WAIT, rd.read_frame(&mut no_send))
+                .await
+                .expect("connect message in time")
+                .expect("connect message");
+            assert_eq!(f.opcode, OpCode::Text, "expected a connect message");
+        }
+        c
+    }
+
+    /// For a parked client: reads whatever the server buffered until the
+    /// connection ends. Returns the number of text frames read and whether
+    /// the connection ended (closed or reset) within `within`.
+    pub async fn drain_parked(&mut self, within: Duration) -> (usize, bool) {
+        let rd = self.parked.as_mut().expect("a parked client");
+        let mut no_send = |_| async { Ok::<(), std::io::Error>(()) };
+        let mut texts = 0;
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rd.read_frame(&mut no_send)).await {
+                Err(_) => return (texts, false),
+                Ok(Err(_)) => return (texts, true),
+                Ok(Ok(f)) => match f.opcode {
+                    OpCode::Close => return (texts, true),
+                    OpCode::Text => texts += 1,
+                    _ => {}
+                },
+            }
+        }
+    }
 }

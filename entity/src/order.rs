@@ -1,0 +1,34 @@
+//! An order (SPEC §4 "Order JSON"). Coordinates are decimal strings, as
+//! seed 001 sends them; money is a double rounded to cents.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "orders")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub order_type: String,
+    pub status: String,
+    pub user_id: i64,
+    pub city_id: i64,
+    pub driver_id: Option<i64>,
+    pub address_from: String,
+    pub address_to: String,
+    pub latitude_from: Option<String>,
+    pub longitude_from: Option<String>,
+    pub latitude_to: Option<String>,
+    pub longitude_to: Option<String>,
+    pub total: f64,
+    pub bonuses_used: f64,
+    pub bonuses_earned: f64,
+    pub scheduled_at: Option<DateTimeUtc>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+    pub version: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,236 @@
+//! `OfferClock`: offer deadlines, and which are due.
+//!
+//! Redis (cluster mode): `{p}offers:due` is a sorted set of offer ids scored
+//! by deadline (unix ms). A Lua script claims due ids atomically by moving
+//! them into `{p}offers:lease`, scored by lease expiry, so exactly one node
+//! handles each; ids whose lease ran out (their node died mid-expiry) are
+//! claimed again by whichever node asks next. `done` drops the lease.
+//! Memory (embedded mode): an ordered set behind a mutex.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::index::timed;
+
+#[derive(Debug, thiserror::Error)]
+#[error("offer clock: {0}")]
+pub struct ClockError(pub String);
+
+pub trait OfferClock: Send + Sync + 'static {
+    fn schedule(
+        &self,
+        offer_id: i64,
+        deadline_ms: i64,
+    ) -> impl Future<Output = Result<(), ClockError>> + Send;
+    fn cancel(&self, offer_id: i64) -> impl Future<Output = Result<(), ClockError>> + Send;
+    /// Claims at most `max` offers due at `now_ms` (and, in Redis, offers
+    /// whose claim lease ran out).
+    fn claim_due(
+        &self,
+        now_ms: i64,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<i64>, ClockError>> + Send;
+    /// The claimed offer was handled.
+    fn done(&self, offer_id: i64) -> impl Future<Output = Result<(), ClockError>> + Send;
+}
+
+/// Deadlines ordered by time, and each offer's deadline (for cancel).
+#[derive(Default)]
+struct Deadlines {
+    by_time: BTreeSet<(i64, i64)>,
+    by_offer: HashMap<i64, i64>,
+}
+
+#[derive(Default)]
+pub struct MemoryClock {
+    inner: Mutex<Deadlines>,
+}
+
+impl OfferClock for MemoryClock {
+    async fn schedule(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = g.by_offer.insert(offer_id, deadline_ms) {
+            g.by_time.remove(&(old, offer_id));
+        }
+        g.by_time.insert((deadline_ms, offer_id));
+        Ok(())
+    }
+
+    async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = g.by_offer.remove(&offer_id) {
+            g.by_time.remove(&(old, offer_id));
+        }
+        Ok(())
+    }
+
+    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Vec<i64>, ClockError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(&(deadline, id)) = g.by_time.first() else {
+                break;
+            };
+            if deadline > now_ms {
+                break;
+            }
+            g.by_time.pop_first();
+            g.by_offer.remove(&id);
+            out.push(id);
+        }
+        Ok(out)
+    }
+
+    async fn done(&self, _offer_id: i64) -> Result<(), ClockError> {
+        Ok(())
+    }
+}
+
+const CLAIM_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local lease_until = tonumber(ARGV[2])
+local max = tonumber(ARGV[3])
+local out = {}
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, max)
+for _, id in ipairs(stale) do
+  redis.call('ZADD', KEYS[2], lease_until, id)
+  out[#out + 1] = id
+end
+if #out < max then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, max - #out)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], lease_until, id)
+    out[#out + 1] = id
+  end
+end
+return out
+"#;
+
+pub struct RedisClock {
+    pool: deadpool_redis::Pool,
+    due: String,
+    lease_key: String,
+    lease: Duration,
+    claim: redis::Script,
+}
+
+impl RedisClock {
+    pub fn new(pool: deadpool_redis::Pool, prefix: &str, lease: Duration) -> RedisClock {
+        RedisClock {
+            pool,
+            due: format!("{prefix}offers:due"),
+            lease_key: format!("{prefix}offers:lease"),
+            lease,
+            claim: redis::Script::new(CLAIM_LUA),
+        }
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, ClockError> {
+        self.pool.get().await.map_err(|e| ClockError(e.to_string()))
+    }
+}
+
+impl OfferClock for RedisClock {
+    async fn schedule(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        let mut c = self.conn().await?;
+        timed(
+            "offer_schedule",
+            redis::cmd("ZADD")
+                .arg(&self.due)
+                .arg(deadline_ms)
+                .arg(offer_id)
+                .exec_async(&mut c),
+        )
+        .await
+        .map_err(ClockError)
+    }
+
+    async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
+        let mut c = self.conn().await?;
+        let mut p = redis::pipe();
+        p.cmd("ZREM").arg(&self.due).arg(offer_id).ignore();
+        p.cmd("ZREM").arg(&self.lease_key).arg(offer_id).ignore();
+        timed("offer_cancel", p.exec_async(&mut c))
+            .await
+            .map_err(ClockError)
+    }
+
+    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Vec<i64>, ClockError> {
+        let mut c = self.conn().await?;
+        let mut inv = self.claim.prepare_invoke();
+        inv.key(&self.due)
+            .key(&self.lease_key)
+            .arg(now_ms)
+            .arg(now_ms + self.lease.as_millis() as i64)
+            .arg(max);
+        timed("offer_claim", inv.invoke_async(&mut c))
+            .await
+            .map_err(ClockError)
+    }
+
+    async fn done(&self, offer_id: i64) -> Result<(), ClockError> {
+        let mut c = self.conn().await?;
+        timed(
+            "offer_done",
+            redis::cmd("ZREM")
+                .arg(&self.lease_key)
+                .arg(offer_id)
+                .exec_async(&mut c),
+        )
+        .await
+        .map_err(ClockError)
+    }
+}
+
+pub enum AnyClock {
+    Memory(MemoryClock),
+    Redis(RedisClock),
+}
+
+impl OfferClock for AnyClock {
+    async fn schedule(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        match self {
+            AnyClock::Memory(c) => c.schedule(offer_id, deadline_ms).await,
+            AnyClock::Redis(c) => c.schedule(offer_id, deadline_ms).await,
+        }
+    }
+    async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
+        match self {
+            AnyClock::Memory(c) => c.cancel(offer_id).await,
+            AnyClock::Redis(c) => c.cancel(offer_id).await,
+        }
+    }
+    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Vec<i64>, ClockError> {
+        match self {
+            AnyClock::Memory(c) => c.claim_due(now_ms, max).await,
+            AnyClock::Redis(c) => c.claim_due(now_ms, max).await,
+        }
+    }
+    async fn done(&self, offer_id: i64) -> Result<(), ClockError> {
+        match self {
+            AnyClock::Memory(c) => c.done(offer_id).await,
+            AnyClock::Redis(c) => c.done(offer_id).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_clock_claims_due_once() {
+        let c = MemoryClock::default();
+        c.schedule(1, 100).await.unwrap();
+        c.schedule(2, 200).await.unwrap();
+        c.schedule(3, 50).await.unwrap();
+        c.cancel(3).await.unwrap();
+        assert_eq!(c.claim_due(150, 10).await.unwrap(), vec![1]);
+        assert!(c.claim_due(150, 10).await.unwrap().is_empty());
+        c.schedule(2, 120).await.unwrap();
+        assert_eq!(c.claim_due(150, 10).await.unwrap(), vec![2]);
+    }
+}

@@ -1,0 +1,36 @@
+//! `GET /api/bonuses/me`: the caller's balance and operations, paged.
+
+use std::sync::Arc;
+
+use hyper::Request;
+use hyper::StatusCode;
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{ApiError, Page, Resp, identity, json_response, query};
+use crate::domain::orders::iso;
+use crate::node::App;
+use crate::store;
+
+pub async fn me(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let who = identity(app, &req)?;
+    let page = Page::from_query(&query(&req))?;
+    let balance = store::bonus_balance(&app.db, who.user_id).await?;
+    let ops = store::bonus_operations(&app.db, who.user_id, page.cursor, page.limit).await?;
+    let mut body = page.list(
+        &ops,
+        |o| o.id,
+        |o| {
+            json!({
+                "id": o.id,
+                "type": o.kind,
+                "amount": o.amount,
+                "order_id": o.order_id,
+                "balance_after": o.balance_after,
+                "created_at": iso(&o.created_at),
+            })
+        },
+    );
+    body["balance"] = json!(balance);
+    Ok(json_response(StatusCode::OK, &body))
+}

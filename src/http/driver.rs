@@ -1,0 +1,88 @@
+//! Driver API (seed 001's poll and actions): offers, accept, decline,
+//! location, availability. Drivers only.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, Resp, empty, id_segment, identity, json_response, read_json};
+use crate::auth::{Identity, Role};
+use crate::dispatch::{self, index::DriverIndex};
+use crate::domain::orders::order_json;
+use crate::node::App;
+use crate::ws::dialect::Location;
+
+fn driver<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
+    let who = identity(app, req)?;
+    if who.role == Role::Driver {
+        Ok(who)
+    } else {
+        Err(ApiError::Forbidden("drivers only".into()))
+    }
+}
+
+pub async fn offers(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let who = driver(app, &req)?;
+    let items = dispatch::open_offers(app, &who).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"items": items, "next_cursor": null}),
+    ))
+}
+
+pub async fn accept(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    let who = driver(app, &req)?;
+    let order = dispatch::accept(app, &who, id_segment(id)?).await?;
+    Ok(json_response(StatusCode::OK, &order_json(&order)))
+}
+
+pub async fn decline(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    let who = driver(app, &req)?;
+    dispatch::decline(app, &who, id_segment(id)?).await?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocationBody {
+    latitude: f64,
+    longitude: f64,
+    heading: Option<f64>,
+    speed: Option<f64>,
+}
+
+pub async fn location(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let who = driver(app, &req)?;
+    let b: LocationBody = read_json(req).await?;
+    if !(-85.05..=85.05).contains(&b.latitude) || !(-180.0..=180.0).contains(&b.longitude) {
+        return Err(ApiError::BadRequest(
+            "latitude must be within ±85.05 and longitude within ±180".into(),
+        ));
+    }
+    let loc = Location {
+        latitude: b.latitude,
+        longitude: b.longitude,
+        heading: b.heading,
+        speed: b.speed,
+    };
+    dispatch::driver_location(app, &who, loc).await?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusBody {
+    available: bool,
+}
+
+pub async fn status(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let who = driver(app, &req)?;
+    let b: StatusBody = read_json(req).await?;
+    app.drivers
+        .set_available(who.driver_id, b.available)
+        .await?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
