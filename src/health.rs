@@ -31,7 +31,7 @@ pub async fn check_once(app: &App) {
         Ok(Ok(()))
     );
     if app.health.db_ok.swap(db_ok, Ordering::Relaxed) != db_ok {
-        tracing::warn!(db_ok, "database reachability changed");
+        report("database", db_ok);
     }
     if let Some(pool) = &app.redis {
         let start = Instant::now();
@@ -46,10 +46,18 @@ pub async fn check_once(app: &App) {
             tracing::debug!(error = %e, "redis heartbeat failed");
         }
         if app.health.redis_ok.swap(ok.is_ok(), Ordering::Relaxed) != ok.is_ok() {
-            tracing::warn!(redis_ok = ok.is_ok(), "redis reachability changed");
+            report("redis", ok.is_ok());
         }
     }
     metrics::gauge!(m::READY).set(if app.is_ready() { 1.0 } else { 0.0 });
+}
+
+fn report(what: &str, ok: bool) {
+    if ok {
+        tracing::info!("{what} reachable");
+    } else {
+        tracing::warn!("{what} unreachable: not ready");
+    }
 }
 
 async fn heartbeat(app: &App, pool: &deadpool_redis::Pool) -> Result<(), String> {
