@@ -155,21 +155,29 @@ impl DriverIndex for MemoryIndex {
     }
 }
 
+/// Searches a small circle first and doubles it up to the full radius:
+/// GEOSEARCH sorts everything inside the circle, so with many drivers around
+/// a tight first circle is what keeps the lookup fast.
 const NEAREST_LUA: &str = r#"
-local res = redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2],
-  'BYRADIUS', ARGV[3], 'km', 'ASC', 'COUNT', ARGV[4], 'WITHCOORD', 'WITHDIST')
-local out = {}
+local radius = tonumber(ARGV[3])
 local min_seen = tonumber(ARGV[5])
 local limit = tonumber(ARGV[6])
-for _, r in ipairs(res) do
-  local id = r[1]
-  local seen = redis.call('ZSCORE', KEYS[2], id)
-  if seen and tonumber(seen) >= min_seen and redis.call('SISMEMBER', KEYS[3], id) == 0 then
-    out[#out + 1] = {id, r[2], r[3][1], r[3][2]}
-    if #out >= limit then break end
+local r = math.min(tonumber(ARGV[7]), radius)
+while true do
+  local res = redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2],
+    'BYRADIUS', r, 'km', 'ASC', 'COUNT', ARGV[4], 'WITHCOORD', 'WITHDIST')
+  local out = {}
+  for _, e in ipairs(res) do
+    local id = e[1]
+    local seen = redis.call('ZSCORE', KEYS[2], id)
+    if seen and tonumber(seen) >= min_seen and redis.call('SISMEMBER', KEYS[3], id) == 0 then
+      out[#out + 1] = {id, e[2], e[3][1], e[3][2]}
+      if #out >= limit then return out end
+    end
   end
+  if r >= radius then return out end
+  r = math.min(r * 2, radius)
 end
-return out
 "#;
 
 pub struct RedisIndex {
@@ -274,7 +282,8 @@ impl DriverIndex for RedisIndex {
             .arg(radius_km)
             .arg(window)
             .arg(min_seen)
-            .arg(limit);
+            .arg(limit)
+            .arg((radius_km / 16.0).max(0.5));
         let rows: Vec<(i64, String, String, String)> =
             timed("geo_nearest", inv.invoke_async(&mut c))
                 .await

@@ -120,11 +120,11 @@ pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiErro
 async fn make_offer(app: &App, order: &Order, offer: &Offer) -> Result<(), ApiError> {
     app.offers.schedule(offer.id, deadline_ms(offer)).await?;
     metrics::counter!(m::OFFERS, "outcome" => "made").increment(1);
+    let mut order = offer_json(order, offer.distance_km);
+    order["offer_expires_at"] = Value::String(orders::iso(&offer.expires_at));
     app.publish(Event::new(
         vec![room::driver(offer.driver_id)],
-        EventKind::OfferMade {
-            order: offer_json(order, offer.distance_km),
-        },
+        EventKind::OfferMade { order },
     ))
     .await
 }

@@ -1,0 +1,154 @@
+//! A small WebSocket client for switchboard, used by the load generator and
+//! tests: connect to any endpoint, send text, receive raw frames. A reader
+//! task owns the read half (fastwebsockets' `read_frame` is not cancel-safe,
+//! so it never sits in a `select!`); sends go through a shared writer.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::WriteHalf;
+use tokio::sync::{Mutex, mpsc};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("websocket: {0}")]
+    Ws(#[from] fastwebsockets::WebSocketError),
+    #[error("request: {0}")]
+    Http(#[from] hyper::http::Error),
+}
+
+/// What the server sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Text(Bytes),
+    /// The close code (1005 when none, 1006 when the connection just ended).
+    Close(u16),
+}
+
+struct SpawnExecutor;
+impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
+where
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    fn execute(&self, fut: Fut) {
+        tokio::spawn(fut);
+    }
+}
+
+type Writer = Arc<Mutex<WebSocketWrite<WriteHalf<TokioIo<Upgraded>>>>>;
+
+/// One open socket.
+pub struct Socket {
+    rx: mpsc::Receiver<Incoming>,
+    writer: Writer,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Socket {
+    /// Opens `ws://{addr}{path}` (path includes the query, e.g. `/ws?token=…`),
+    /// optionally from a given local address (to spread many sockets over
+    /// 127.0.0.x source addresses). Server pings are answered.
+    pub async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        local: Option<std::net::IpAddr>,
+        queue: usize,
+    ) -> Result<Socket, ClientError> {
+        let tcp = match local {
+            None => tokio::net::TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let s = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                s.bind(SocketAddr::new(ip, 0))?;
+                s.connect(addr).await?
+            }
+        };
+        tcp.set_nodelay(true)?;
+        let req = hyper::Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("host", addr.to_string())
+            .header(hyper::header::UPGRADE, "websocket")
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(
+                "Sec-WebSocket-Key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("Sec-WebSocket-Version", "13")
+            .body(Empty::<Bytes>::new())?;
+        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await?;
+        let (mut rd, wr) = ws.split(tokio::io::split);
+        rd.set_auto_pong(false);
+        rd.set_auto_close(false);
+        let writer: Writer = Arc::new(Mutex::new(wr));
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let w = writer.clone();
+        let reader = tokio::spawn(async move {
+            let mut fc = fastwebsockets::FragmentCollectorRead::new(rd);
+            let mut no_send = |_| async { Ok::<(), std::io::Error>(()) };
+            loop {
+                let Ok(frame) = fc.read_frame(&mut no_send).await else {
+                    let _ = tx.send(Incoming::Close(1006)).await;
+                    return;
+                };
+                match frame.opcode {
+                    OpCode::Text => {
+                        let b = Bytes::copy_from_slice(&frame.payload);
+                        if tx.send(Incoming::Text(b)).await.is_err() {
+                            return;
+                        }
+                    }
+                    OpCode::Close => {
+                        let p = &frame.payload;
+                        let code = if p.len() >= 2 {
+                            u16::from_be_bytes([p[0], p[1]])
+                        } else {
+                            1005
+                        };
+                        let _ = tx.send(Incoming::Close(code)).await;
+                        return;
+                    }
+                    OpCode::Ping => {
+                        let p = frame.payload.to_vec();
+                        let _ = w
+                            .lock()
+                            .await
+                            .write_frame(Frame::pong(Payload::Owned(p)))
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(Socket { rx, writer, reader })
+    }
+
+    pub async fn send_text(&self, text: &str) -> Result<(), ClientError> {
+        let f = Frame::text(Payload::Owned(text.as_bytes().to_vec()));
+        self.writer.lock().await.write_frame(f).await?;
+        Ok(())
+    }
+
+    /// The next frame; `None` after the reader ended and everything was read.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        self.rx.recv().await
+    }
+}
