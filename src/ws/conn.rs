@@ -337,7 +337,15 @@ async fn write_loop(
     loop {
         tokio::select! {
             biased;
-            _ = closed.cancelled() => break,
+            _ = closed.cancelled() => {
+                // Over the hard cap: the error saying why is queued just
+                // before the close and must go out before the 1009.
+                flush_queue = matches!(
+                    outbox.closer.reason(),
+                    Some((close_code::MESSAGE_TOO_BIG, _))
+                );
+                break;
+            }
             _ = drain.cancelled() => {
                 // Drain: what was queued before the node stopped still goes
                 // out, then 1012 tells the client to reconnect elsewhere.

@@ -36,8 +36,8 @@ pub(super) fn render(kind: &EventKind, personal: bool) -> Option<Value> {
         } => json!({
             "type": "bonus-updated",
             "data": {
-                "balance": balance,
-                "operation": {"type": operation, "amount": amount, "orderId": order_id},
+                "balance": whole_as_int(*balance),
+                "operation": {"type": operation, "amount": whole_as_int(*amount), "orderId": order_id},
                 "timestamp": timestamp,
             },
         }),
@@ -60,4 +60,15 @@ pub(super) fn render(kind: &EventKind, personal: bool) -> Option<Value> {
         | EventKind::OfferEnded { .. }
         | EventKind::DriverLocation { .. } => return None,
     })
+}
+
+/// Seed 002 prints whole amounts as integers (`"amount": 75`). An `f64`
+/// serializes as `75.0`, which strictly typed clients (an `Int` field in a
+/// Kotlin or Swift decoder) refuse, so whole values go out as integers.
+fn whole_as_int(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
 }

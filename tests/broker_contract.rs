@@ -1,0 +1,371 @@
+//! The `Broker` contract: one test body, run against the in-process
+//! `MemoryBroker` and the `RedisBroker` (on a real redis-server), plus what
+//! only a cluster broker promises (unsubscribing, other nodes, reconnects).
+//!
+//! The contract is what a node relies on: after `reconcile(room)` resolves for
+//! a room the sink wants, a publish reaches the sink for that room exactly
+//! once, with the event intact; an event to several rooms arrives once per
+//! room, in the order of its room list; one publisher's events arrive in
+//! publish order. (The memory broker hands every room of an event to the sink
+//! and lets the sink drop what it does not want, so "an unwanted room is not
+//! delivered" is a Redis-only promise, tested separately below.)
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use switchboard::broker::memory::MemoryBroker;
+use switchboard::broker::redis::RedisBroker;
+use switchboard::broker::{Broker, Sink};
+use switchboard::event::{Event, EventKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Records every delivery; wants exactly the rooms a test put in `wanted`.
+struct TestSink {
+    wanted: Mutex<HashSet<String>>,
+    tx: mpsc::UnboundedSender<(String, Event)>,
+}
+
+type Deliveries = mpsc::UnboundedReceiver<(String, Event)>;
+
+impl TestSink {
+    fn new() -> (Arc<TestSink>, Deliveries) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(TestSink {
+                wanted: Mutex::new(HashSet::new()),
+                tx,
+            }),
+            rx,
+        )
+    }
+    fn want(&self, room: &str, yes: bool) {
+        let mut w = self.wanted.lock().unwrap();
+        if yes {
+            w.insert(room.to_string());
+        } else {
+            w.remove(room);
+        }
+    }
+}
+
+impl Sink for TestSink {
+    fn deliver(&self, room: &str, event: &Event) {
+        let _ = self.tx.send((room.to_string(), event.clone()));
+    }
+    fn wants(&self, room: &str) -> bool {
+        self.wanted.lock().unwrap().contains(room)
+    }
+    fn rooms(&self) -> Vec<String> {
+        self.wanted.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+fn custom(rooms: &[&str], n: u64) -> Event {
+    Event::new(
+        rooms.iter().map(|r| r.to_string()).collect(),
+        EventKind::Custom {
+            ty: "contract".into(),
+            data: json!({"n": n, "nested": {"s": "é ✓ \"quoted\"", "list": [1.5, null, true]}}),
+        },
+    )
+}
+
+async fn next(rx: &mut Deliveries, what: &str) -> (String, Event) {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery within {WAIT:?}: {what}"))
+        .expect("sink alive")
+}
+
+/// Publishes a marker to `room` (wanted and reconciled) and asserts it is the
+/// very next delivery: nothing else (a duplicate, a stray room) came first.
+async fn assert_nothing_else<B: Broker>(broker: &B, rx: &mut Deliveries, room: &str, what: &str) {
+    let marker = custom(&[room], u64::MAX);
+    broker.publish(Arc::new(marker.clone())).await.unwrap();
+    let (r, e) = next(rx, what).await;
+    assert_eq!(
+        (r.as_str(), &e),
+        (room, &marker),
+        "{what}: unexpected delivery"
+    );
+}
+
+async fn wait_healthy<B: Broker>(broker: &B, healthy: bool) {
+    let deadline = Instant::now() + WAIT;
+    while broker.is_healthy() != healthy {
+        assert!(
+            Instant::now() < deadline,
+            "is_healthy never became {healthy}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The one contract body, for any broker `make` builds over a sink.
+async fn contract<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B) {
+    let (sink, mut rx) = TestSink::new();
+    let broker = Arc::new(make(sink.clone() as Arc<dyn Sink>));
+    wait_healthy(&*broker, true).await;
+
+    // A room that was never wanted reconciles to nothing, without error.
+    broker.reconcile("never-wanted").await.unwrap();
+
+    // 1. After reconcile resolves for a wanted room, a publish reaches the
+    //    sink for that room, once, intact (floats, unicode, nesting).
+    sink.want("r1", true);
+    broker.reconcile("r1").await.unwrap();
+    let e = Event::new(
+        vec!["r1".into()],
+        EventKind::DriverLocation {
+            driver_id: 5,
+            latitude: 41.311081,
+            longitude: 69.240562,
+            heading: Some(0.1 + 0.2),
+            speed: None,
+            timestamp: "2024-01-15T10:30:00.000Z".into(),
+        },
+    );
+    broker.publish(Arc::new(e.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "single room").await, ("r1".into(), e));
+    assert_nothing_else(&*broker, &mut rx, "r1", "after a single-room publish").await;
+
+    // 2. An event to several wanted rooms: once per room, in list order,
+    //    each delivery carrying the whole event (its full room list).
+    for r in ["r2", "r3"] {
+        sink.want(r, true);
+        broker.reconcile(r).await.unwrap();
+    }
+    for rooms in [["r3", "r1", "r2"], ["r1", "r2", "r3"]] {
+        let e = custom(&rooms, 2);
+        broker.publish(Arc::new(e.clone())).await.unwrap();
+        for r in rooms {
+            assert_eq!(
+                next(&mut rx, "multi-room").await,
+                (r.to_string(), e.clone())
+            );
+        }
+        assert_nothing_else(&*broker, &mut rx, "r2", "after a multi-room publish").await;
+    }
+
+    // 3. One publisher's events arrive in publish order, each once.
+    for n in 0..100 {
+        broker.publish(Arc::new(custom(&["r2"], n))).await.unwrap();
+    }
+    for n in 0..100 {
+        let (r, e) = next(&mut rx, "ordered").await;
+        assert_eq!((r.as_str(), e.kind), ("r2", custom(&["r2"], n).kind));
+    }
+    assert_nothing_else(&*broker, &mut rx, "r2", "after ordered publishes").await;
+
+    // 4. Concurrent publishers: every event arrives exactly once.
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let b = broker.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    b.publish(Arc::new(custom(&["r3"], t * 100 + i)))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..200 {
+        let (r, e) = next(&mut rx, "concurrent").await;
+        assert_eq!(r, "r3");
+        let EventKind::Custom { data, .. } = e.kind else {
+            panic!("not ours: {e:?}")
+        };
+        assert!(seen.insert(data["n"].as_u64().unwrap()), "duplicate {data}");
+    }
+    assert_nothing_else(&*broker, &mut rx, "r3", "after concurrent publishes").await;
+
+    // 5. Wanted, unwanted, wanted again: what counts is the sink's state
+    //    when the last reconcile resolves.
+    sink.want("r4", true);
+    broker.reconcile("r4").await.unwrap();
+    sink.want("r4", false);
+    broker.reconcile("r4").await.unwrap();
+    sink.want("r4", true);
+    broker.reconcile("r4").await.unwrap();
+    let e = custom(&["r4"], 5);
+    broker.publish(Arc::new(e.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "re-wanted room").await, ("r4".into(), e));
+    assert_nothing_else(&*broker, &mut rx, "r4", "after re-wanting").await;
+}
+
+struct RedisSetup {
+    url: String,
+    stop: CancellationToken,
+}
+
+impl RedisSetup {
+    fn new(redis: &RedisServer) -> RedisSetup {
+        RedisSetup {
+            url: redis.url(),
+            stop: CancellationToken::new(),
+        }
+    }
+    /// A RedisBroker as a node builds it, under its own key prefix.
+    fn broker(&self, prefix: &str, sink: Arc<dyn Sink>) -> RedisBroker {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let pool = switchboard::store::redis_pool(&self.url).unwrap();
+        RedisBroker::start(client, pool, prefix, sink, self.stop.clone())
+    }
+}
+
+impl Drop for RedisSetup {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test]
+async fn memory_broker_meets_the_contract() {
+    init_tracing();
+    contract(MemoryBroker::new).await;
+}
+
+#[tokio::test]
+async fn redis_broker_meets_the_contract() {
+    init_tracing();
+    let redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    contract(|sink| setup.broker("ct:", sink)).await;
+}
+
+// ---------------------------------------------------------------------------
+// What only the cluster broker promises
+
+#[tokio::test]
+async fn redis_broker_stops_delivering_a_room_nobody_wants() {
+    init_tracing();
+    let redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (sink, mut rx) = TestSink::new();
+    let broker = setup.broker("ct:", sink.clone());
+    wait_healthy(&broker, true).await;
+    for r in ["kept", "dropped"] {
+        sink.want(r, true);
+        broker.reconcile(r).await.unwrap();
+    }
+    let e = custom(&["dropped"], 1);
+    broker.publish(Arc::new(e.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "wanted").await, ("dropped".into(), e));
+
+    sink.want("dropped", false);
+    broker.reconcile("dropped").await.unwrap();
+    broker
+        .publish(Arc::new(custom(&["dropped"], 2)))
+        .await
+        .unwrap();
+    // Only the "kept" part of a multi-room event is delivered.
+    let both = custom(&["dropped", "kept"], 3);
+    broker.publish(Arc::new(both.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "kept part").await, ("kept".into(), both));
+    assert_nothing_else(&broker, &mut rx, "kept", "after unwanting").await;
+    // Redis agrees: nobody is subscribed to the dropped room's channel.
+    let mut conn = redis.conn().await;
+    let subs: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("ct:room:dropped")
+        .arg("ct:room:kept")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        subs,
+        vec![("ct:room:dropped".into(), 0), ("ct:room:kept".into(), 1)]
+    );
+}
+
+#[tokio::test]
+async fn redis_brokers_deliver_to_other_nodes_that_want_the_room() {
+    init_tracing();
+    let redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (sink_a, mut rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("ct:", sink_a.clone());
+    let b = setup.broker("ct:", sink_b.clone());
+    // Another cluster (another prefix) on the same Redis hears nothing.
+    let (sink_x, mut rx_x) = TestSink::new();
+    let x = setup.broker("other:", sink_x.clone());
+    for (s, brk) in [(&sink_a, &a), (&sink_b, &b), (&sink_x, &x)] {
+        wait_healthy(brk, true).await;
+        s.want("shared", true);
+        brk.reconcile("shared").await.unwrap();
+    }
+    sink_b.want("only-b", true);
+    b.reconcile("only-b").await.unwrap();
+    sink_a.want("only-a", true);
+    a.reconcile("only-a").await.unwrap();
+
+    let e = custom(&["only-b", "shared"], 1);
+    a.publish(Arc::new(e.clone())).await.unwrap();
+    assert_eq!(
+        next(&mut rx_b, "b, first room").await,
+        ("only-b".into(), e.clone())
+    );
+    assert_eq!(
+        next(&mut rx_b, "b, second room").await,
+        ("shared".into(), e.clone())
+    );
+    assert_eq!(
+        next(&mut rx_a, "a, shared room").await,
+        ("shared".into(), e)
+    );
+    assert_nothing_else(&a, &mut rx_a, "only-a", "node a").await;
+    assert_nothing_else(&b, &mut rx_b, "only-b", "node b").await;
+    assert_nothing_else(&x, &mut rx_x, "shared", "other prefix").await;
+}
+
+#[tokio::test]
+async fn redis_broker_reconnects_and_resubscribes_after_a_restart() {
+    init_tracing();
+    let mut redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (sink, mut rx) = TestSink::new();
+    let broker = setup.broker("ct:", sink.clone());
+    wait_healthy(&broker, true).await;
+    sink.want("r", true);
+    broker.reconcile("r").await.unwrap();
+    broker.publish(Arc::new(custom(&["r"], 1))).await.unwrap();
+    assert_eq!(next(&mut rx, "before").await.0, "r");
+
+    redis.kill();
+    wait_healthy(&broker, false).await;
+    assert!(
+        broker.publish(Arc::new(custom(&["r"], 2))).await.is_err(),
+        "a publish with Redis down must fail, not vanish"
+    );
+    // A room wanted during the outage is subscribed on reconnect too.
+    sink.want("joined-while-down", true);
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        broker.reconcile("joined-while-down"),
+    )
+    .await;
+
+    redis.restart();
+    wait_healthy(&broker, true).await;
+    // No reconcile needed: the broker re-subscribed what the sink wants.
+    let e = custom(&["r", "joined-while-down"], 3);
+    broker.publish(Arc::new(e.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "after, r").await, ("r".into(), e.clone()));
+    assert_eq!(
+        next(&mut rx, "after, joined while down").await,
+        ("joined-while-down".into(), e)
+    );
+    assert_nothing_else(&broker, &mut rx, "r", "after the restart").await;
+}
