@@ -73,6 +73,9 @@ pub struct Settings {
     pub ping_interval_secs: f64,
     #[arg(long, env = "SYNC_URL")]
     pub sync_url: Option<String>,
+    /// Request timeout of one sync delivery.
+    #[arg(long, env = "SYNC_TIMEOUT_MS", default_value_t = 5000)]
+    pub sync_timeout_ms: u64,
     #[arg(long, env = "SYNC_MAX_ATTEMPTS", default_value_t = 8)]
     pub sync_max_attempts: u32,
     #[arg(long, env = "SYNC_BACKOFF_MS", default_value_t = 500)]
@@ -153,6 +156,7 @@ pub struct Config {
     pub sync_url: Option<String>,
     pub sync_max_attempts: u32,
     pub sync_backoff: Duration,
+    pub sync_timeout: Duration,
     pub node_id: String,
     pub dispatch_radius_km: f64,
     pub driver_stale: Duration,
@@ -250,9 +254,16 @@ impl Config {
             .map(String::from)
             .collect();
         if let Some(url) = &s.sync_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
+            && url
+                .parse::<hyper::Uri>()
+                .ok()
+                .filter(|u| u.scheme_str() == Some("http") && u.host().is_some())
+                .is_none()
         {
-            return Err(invalid("SYNC_URL", "must be an http:// or https:// URL"));
+            return Err(invalid(
+                "SYNC_URL",
+                "must be an http://host[:port]/path URL (TLS: put a sidecar or proxy in front)",
+            ));
         }
         if s.sync_max_attempts == 0 {
             return Err(invalid("SYNC_MAX_ATTEMPTS", "must be at least 1"));
@@ -287,6 +298,7 @@ impl Config {
             sync_url: s.sync_url,
             sync_max_attempts: s.sync_max_attempts,
             sync_backoff: Duration::from_millis(s.sync_backoff_ms.max(1)),
+            sync_timeout: Duration::from_millis(s.sync_timeout_ms.max(1)),
             node_id: s.node_id.filter(|n| !n.is_empty()).unwrap_or_else(hostname),
             dispatch_radius_km: s.dispatch_radius_km,
             driver_stale: secs("DRIVER_STALE_SECS", s.driver_stale_secs)?,

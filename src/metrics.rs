@@ -24,6 +24,11 @@ pub const READY: &str = "switchboard_ready";
 pub const DISPATCH_DURATION: &str = "switchboard_dispatch_duration_seconds";
 pub const OFFERS: &str = "switchboard_offers_total";
 pub const DRIVER_LOCATIONS: &str = "switchboard_driver_locations_total";
+pub const SYNC_JOBS: &str = "switchboard_sync_jobs";
+pub const SYNC_ATTEMPTS: &str = "switchboard_sync_attempts_total";
+pub const SYNC_DELIVERED: &str = "switchboard_sync_delivered_total";
+pub const SYNC_FAILED: &str = "switchboard_sync_failed_total";
+pub const SYNC_LATENCY: &str = "switchboard_sync_delivery_latency_seconds";
 
 /// Sub-millisecond to seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -102,4 +107,19 @@ fn describe() {
         "Offers by outcome: made, accepted, declined, expired"
     );
     describe_counter!(DRIVER_LOCATIONS, "Driver positions ingested");
+    describe_gauge!(
+        SYNC_JOBS,
+        "Sync outbox jobs by status (pending, delivering, failed)"
+    );
+    describe_counter!(
+        SYNC_ATTEMPTS,
+        "Sync delivery attempts by result (ok, error)"
+    );
+    describe_counter!(SYNC_DELIVERED, "Sync jobs delivered");
+    describe_counter!(SYNC_FAILED, "Sync jobs that ran out of attempts");
+    describe_histogram!(
+        SYNC_LATENCY,
+        Unit::Seconds,
+        "Order change committed to sync delivered"
+    );
 }

@@ -98,6 +98,11 @@ impl App {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Whether order changes are written to the sync outbox (`SYNC_URL` set).
+    pub fn sync_on(&self) -> bool {
+        self.config.sync_url.is_some()
+    }
+
     pub fn is_ready(&self) -> bool {
         !self.health.draining.load(Ordering::Relaxed)
             && self.health.db_ok.load(Ordering::Relaxed)
@@ -250,6 +255,9 @@ impl Node {
             Err(e) => tracing::warn!(error = %e, "could not re-seed offer deadlines"),
         }
         tokio::spawn(crate::dispatch::run_clock(app.clone()));
+        if app.sync_on() {
+            tokio::spawn(crate::domain::sync::run(app.clone()));
+        }
         let done = tokio::spawn(serve(listener, app.clone()));
         tracing::info!(%addr, node_id = %app.config.node_id, mode = if app.redis.is_some() { "cluster" } else { "embedded" }, "switchboard listening");
         Ok(Node { addr, app, done })

@@ -22,7 +22,8 @@ use sea_orm::{
 pub use entity::bonus_operation::Model as BonusOp;
 pub use entity::offer::Model as Offer;
 pub use entity::order::Model as Order;
-use entity::{bonus_account, bonus_operation, offer, order};
+pub use entity::sync_job::Model as SyncJob;
+use entity::{bonus_account, bonus_operation, offer, order, sync_job};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -148,6 +149,7 @@ pub struct BonusChange {
 pub async fn create_order(
     db: &DatabaseConnection,
     new: NewOrder,
+    sync: bool,
 ) -> Result<(Order, Option<BonusChange>), StoreError> {
     let txn = db.begin().await?;
     let now = Utc::now();
@@ -203,6 +205,9 @@ pub async fn create_order(
     } else {
         None
     };
+    if sync {
+        enqueue_sync(&txn, model.id, "created").await?;
+    }
     txn.commit().await?;
     Ok((model, change))
 }
@@ -307,6 +312,7 @@ pub async fn update_order(
     db: &DatabaseConnection,
     current: &Order,
     changes: &OrderChanges,
+    sync: bool,
 ) -> Result<Option<(Order, Option<BonusChange>)>, StoreError> {
     let txn = db.begin().await?;
     let now = Utc::now();
@@ -343,6 +349,9 @@ pub async fn update_order(
         .one(&txn)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("order vanished in its own transaction".into()))?;
+    if sync {
+        enqueue_sync(&txn, current.id, "updated").await?;
+    }
     txn.commit().await?;
     Ok(Some((updated, credit)))
 }
@@ -384,7 +393,11 @@ async fn credit_in(
 }
 
 /// Deletes an order; open offers of it are ended as `cancelled` and returned.
-pub async fn delete_order(db: &DatabaseConnection, id: i64) -> Result<Vec<Offer>, StoreError> {
+pub async fn delete_order(
+    db: &DatabaseConnection,
+    id: i64,
+    sync: bool,
+) -> Result<Vec<Offer>, StoreError> {
     let open = offer::Entity::find()
         .filter(offer::Column::OrderId.eq(id))
         .filter(offer::Column::Status.eq("open"))
@@ -396,7 +409,12 @@ pub async fn delete_order(db: &DatabaseConnection, id: i64) -> Result<Vec<Offer>
             ended.push(o);
         }
     }
-    order::Entity::delete_by_id(id).exec(db).await?;
+    let txn = db.begin().await?;
+    order::Entity::delete_by_id(id).exec(&txn).await?;
+    if sync {
+        enqueue_sync(&txn, id, "deleted").await?;
+    }
+    txn.commit().await?;
     Ok(ended)
 }
 
@@ -536,6 +554,7 @@ pub async fn accept_offer(
     db: &DatabaseConnection,
     offer: &Offer,
     assignable: &[&str],
+    sync: bool,
 ) -> Result<Option<Order>, StoreError> {
     let txn = db.begin().await?;
     let now = Utc::now();
@@ -570,6 +589,9 @@ pub async fn accept_offer(
         return Ok(None);
     }
     let o = order::Entity::find_by_id(offer.order_id).one(&txn).await?;
+    if sync {
+        enqueue_sync(&txn, offer.order_id, "updated").await?;
+    }
     txn.commit().await?;
     Ok(o)
 }
@@ -593,5 +615,148 @@ pub async fn bonus_operations(
     Ok(q.order_by_desc(bonus_operation::Column::Id)
         .limit(limit)
         .all(db)
+        .await?)
+}
+
+// ---------------------------------------------------------------- sync outbox
+
+/// Adds a sync job for an order change, inside the caller's transaction.
+async fn enqueue_sync(db: &impl ConnectionTrait, order_id: i64, action: &str) -> Result<(), DbErr> {
+    let now = Utc::now();
+    exec(
+        db,
+        "INSERT INTO sync_jobs (entity, entity_id, action, status, attempts, next_attempt_at, created_at, updated_at) \
+         VALUES ('order', ?, ?, 'pending', 0, ?, ?, ?)",
+        vec![order_id.into(), action.into(), now.into(), now.into(), now.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Claims up to `max` jobs that are due, or whose delivering node's lease
+/// ran out: they become `delivering` with a lease and one more attempt.
+/// PostgreSQL skips rows another node is claiming (`FOR UPDATE SKIP
+/// LOCKED`); SQLite runs the one UPDATE under its write lock, which is the
+/// same guarantee.
+pub async fn claim_sync_jobs(
+    db: &DatabaseConnection,
+    lease: Duration,
+    max: u64,
+) -> Result<Vec<SyncJob>, StoreError> {
+    let now = Utc::now();
+    let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+    let lock = if db.get_database_backend() == DbBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE sync_jobs SET status = 'delivering', attempts = attempts + 1, lease_until = ?, updated_at = ? \
+         WHERE id IN (SELECT id FROM sync_jobs WHERE (status = 'pending' AND next_attempt_at <= ?) \
+         OR (status = 'delivering' AND lease_until < ?) ORDER BY id LIMIT {max}{lock}) RETURNING *"
+    );
+    let st = stmt(
+        db,
+        &sql,
+        vec![until.into(), now.into(), now.into(), now.into()],
+    );
+    Ok(sync_job::Entity::find().from_raw_sql(st).all(db).await?)
+}
+
+/// How a delivery attempt ended.
+pub enum SyncOutcome {
+    Delivered,
+    Retry { at: DateTime<Utc>, error: String },
+    Failed { error: String },
+}
+
+/// Records the end of an attempt, if the job is still this attempt's
+/// (a node whose lease was taken over changes nothing). Returns the job.
+pub async fn finish_sync_job(
+    db: &DatabaseConnection,
+    job: &SyncJob,
+    outcome: SyncOutcome,
+) -> Result<Option<SyncJob>, StoreError> {
+    let now = Utc::now();
+    let (status, next, error, delivered): (
+        &str,
+        DateTime<Utc>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+    ) = match outcome {
+        SyncOutcome::Delivered => ("delivered", job.next_attempt_at, None, Some(now)),
+        SyncOutcome::Retry { at, error } => ("pending", at, Some(error), None),
+        SyncOutcome::Failed { error } => ("failed", job.next_attempt_at, Some(error), None),
+    };
+    let n = exec(
+        db,
+        "UPDATE sync_jobs SET status = ?, next_attempt_at = ?, last_error = ?, delivered_at = ?, \
+         lease_until = NULL, updated_at = ? WHERE id = ? AND status = 'delivering' AND attempts = ?",
+        vec![
+            status.into(),
+            next.into(),
+            error.into(),
+            delivered.into(),
+            now.into(),
+            job.id.into(),
+            job.attempts.into(),
+        ],
+    )
+    .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(sync_job::Entity::find_by_id(job.id).one(db).await?)
+}
+
+/// Puts a failed job back in the queue with fresh attempts; `None` when it
+/// is not failed.
+pub async fn retry_sync_job(
+    db: &DatabaseConnection,
+    id: i64,
+) -> Result<Option<SyncJob>, StoreError> {
+    let now = Utc::now();
+    let n = exec(
+        db,
+        "UPDATE sync_jobs SET status = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ? \
+         WHERE id = ? AND status = 'failed'",
+        vec![now.into(), now.into(), id.into()],
+    )
+    .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(sync_job::Entity::find_by_id(id).one(db).await?)
+}
+
+pub async fn get_sync_job(db: &DatabaseConnection, id: i64) -> Result<Option<SyncJob>, StoreError> {
+    Ok(sync_job::Entity::find_by_id(id).one(db).await?)
+}
+
+pub async fn list_sync_jobs(
+    db: &DatabaseConnection,
+    status: Option<&str>,
+    cursor: Option<i64>,
+    limit: u64,
+) -> Result<Vec<SyncJob>, StoreError> {
+    let mut q = sync_job::Entity::find();
+    if let Some(s) = status {
+        q = q.filter(sync_job::Column::Status.eq(s));
+    }
+    if let Some(c) = cursor {
+        q = q.filter(sync_job::Column::Id.lt(c));
+    }
+    Ok(q.order_by_desc(sync_job::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Jobs by status (for the metrics gauge).
+pub async fn count_sync_jobs(db: &DatabaseConnection, status: &str) -> Result<u64, StoreError> {
+    use sea_orm::PaginatorTrait;
+    Ok(sync_job::Entity::find()
+        .filter(sync_job::Column::Status.eq(status))
+        .count(db)
         .await?)
 }

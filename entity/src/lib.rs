@@ -4,3 +4,4 @@ pub mod bonus_account;
 pub mod bonus_operation;
 pub mod offer;
 pub mod order;
+pub mod sync_job;

@@ -4,12 +4,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_create_orders;
+mod m20261126_000002_create_sync_jobs;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261125_000001_create_orders::Migration)]
+        vec![
+            Box::new(m20261125_000001_create_orders::Migration),
+            Box::new(m20261126_000002_create_sync_jobs::Migration),
+        ]
     }
 }

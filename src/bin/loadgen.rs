@@ -256,6 +256,7 @@ async fn assign(
                 bonuses_earned: 5.0,
                 scheduled_at: None,
             },
+            false,
         )
         .await?;
         let t = Instant::now();

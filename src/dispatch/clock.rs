@@ -24,6 +24,14 @@ pub trait OfferClock: Send + Sync + 'static {
         offer_id: i64,
         deadline_ms: i64,
     ) -> impl Future<Output = Result<(), ClockError>> + Send;
+    /// Schedules a deadline the clock may have lost (start-up re-seed):
+    /// nothing happens if the offer is already scheduled or claimed, so a
+    /// live or dead node's claim keeps its lease.
+    fn seed(
+        &self,
+        offer_id: i64,
+        deadline_ms: i64,
+    ) -> impl Future<Output = Result<(), ClockError>> + Send;
     fn cancel(&self, offer_id: i64) -> impl Future<Output = Result<(), ClockError>> + Send;
     /// Claims at most `max` offers due at `now_ms` (and, in Redis, offers
     /// whose claim lease ran out).
@@ -55,6 +63,16 @@ impl OfferClock for MemoryClock {
             g.by_time.remove(&(old, offer_id));
         }
         g.by_time.insert((deadline_ms, offer_id));
+        Ok(())
+    }
+
+    async fn seed(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = &mut *g;
+        if let std::collections::hash_map::Entry::Vacant(e) = g.by_offer.entry(offer_id) {
+            e.insert(deadline_ms);
+            g.by_time.insert((deadline_ms, offer_id));
+        }
         Ok(())
     }
 
@@ -109,12 +127,21 @@ end
 return out
 "#;
 
+/// Re-seeds a deadline unless it is due already or claimed (leased).
+const SEED_LUA: &str = r#"
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  return 0
+end
+return redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+"#;
+
 pub struct RedisClock {
     pool: deadpool_redis::Pool,
     due: String,
     lease_key: String,
     lease: Duration,
     claim: redis::Script,
+    seed: redis::Script,
 }
 
 impl RedisClock {
@@ -125,6 +152,7 @@ impl RedisClock {
             lease_key: format!("{prefix}offers:lease"),
             lease,
             claim: redis::Script::new(CLAIM_LUA),
+            seed: redis::Script::new(SEED_LUA),
         }
     }
 
@@ -146,6 +174,19 @@ impl OfferClock for RedisClock {
         )
         .await
         .map_err(ClockError)
+    }
+
+    async fn seed(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        let mut c = self.conn().await?;
+        let mut inv = self.seed.prepare_invoke();
+        inv.key(&self.due)
+            .key(&self.lease_key)
+            .arg(offer_id)
+            .arg(deadline_ms);
+        timed("offer_seed", inv.invoke_async::<i64>(&mut c))
+            .await
+            .map(|_| ())
+            .map_err(ClockError)
     }
 
     async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
@@ -197,6 +238,12 @@ impl OfferClock for AnyClock {
             AnyClock::Redis(c) => c.schedule(offer_id, deadline_ms).await,
         }
     }
+    async fn seed(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        match self {
+            AnyClock::Memory(c) => c.seed(offer_id, deadline_ms).await,
+            AnyClock::Redis(c) => c.seed(offer_id, deadline_ms).await,
+        }
+    }
     async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
         match self {
             AnyClock::Memory(c) => c.cancel(offer_id).await,
@@ -232,5 +279,10 @@ mod tests {
         assert!(c.claim_due(150, 10).await.unwrap().is_empty());
         c.schedule(2, 120).await.unwrap();
         assert_eq!(c.claim_due(150, 10).await.unwrap(), vec![2]);
+        // A re-seed does not move a deadline that is still scheduled.
+        c.schedule(4, 300).await.unwrap();
+        c.seed(4, 100).await.unwrap();
+        c.seed(5, 140).await.unwrap();
+        assert_eq!(c.claim_due(150, 10).await.unwrap(), vec![5]);
     }
 }

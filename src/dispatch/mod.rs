@@ -245,7 +245,7 @@ pub async fn accept(app: &App, who: &Identity, order_id: i64) -> Result<Order, A
         )));
     }
     let before = store::get_order(&app.db, order_id).await?;
-    let order = store::accept_offer(&app.db, &offer, &ASSIGNABLE)
+    let order = store::accept_offer(&app.db, &offer, &ASSIGNABLE, app.sync_on())
         .await?
         .ok_or_else(|| {
             ApiError::Conflict(format!("the offer of order {order_id} is no longer open"))
@@ -351,11 +351,13 @@ async fn sweep(app: &App) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// At start: re-schedule deadlines of open offers (Redis may have lost them).
+/// At start: re-schedule deadlines of open offers that Redis lost. An offer
+/// another node has claimed keeps its lease: it is taken over only when the
+/// lease runs out, never at once by whichever node starts next.
 pub async fn reseed(app: &App) -> Result<usize, ApiError> {
     let open = store::open_offers(&app.db).await?;
     for o in &open {
-        app.offers.schedule(o.id, deadline_ms(o)).await?;
+        app.offers.seed(o.id, deadline_ms(o)).await?;
     }
     Ok(open.len())
 }

@@ -3,3 +3,4 @@
 
 pub mod bonuses;
 pub mod orders;
+pub mod sync;

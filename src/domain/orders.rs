@@ -153,7 +153,7 @@ pub async fn emit_updated(
 /// Creates an order (debiting bonuses), announces it, and starts dispatch
 /// when it has a pickup point.
 pub async fn create(app: &App, new: NewOrder) -> Result<Order, ApiError> {
-    let (order, debit) = store::create_order(&app.db, new).await?;
+    let (order, debit) = store::create_order(&app.db, new, app.sync_on()).await?;
     app.publish(Event::new(
         order_rooms(&order),
         EventKind::OrderCreated {
@@ -210,7 +210,9 @@ pub async fn update(
             }
             return Ok(current);
         }
-        let Some((order, credit)) = store::update_order(&app.db, &current, &changes).await? else {
+        let Some((order, credit)) =
+            store::update_order(&app.db, &current, &changes, app.sync_on()).await?
+        else {
             continue; // someone else changed it: re-read and re-check
         };
         let old_status = status.as_ref().map(|_| current.status.clone());
@@ -235,7 +237,7 @@ pub async fn delete(app: &App, id: i64) -> Result<(), ApiError> {
     let order = store::get_order(&app.db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;
-    let ended = store::delete_order(&app.db, id).await?;
+    let ended = store::delete_order(&app.db, id, app.sync_on()).await?;
     for offer in ended {
         dispatch::offer_ended(app, &offer, "Order cancelled").await?;
     }

@@ -6,6 +6,7 @@ mod bonuses;
 mod driver;
 mod ops;
 mod orders;
+mod sync;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -278,6 +279,14 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Result<
         }
         (&Method::GET, ["api", "bonuses", "me"]) => {
             ("/api/bonuses/me", bonuses::me(app, req).await)
+        }
+        (&Method::GET, ["api", "sync", "jobs"]) => ("/api/sync/jobs", sync::list(app, req).await),
+        (&Method::POST, ["api", "sync", "jobs", id, "retry"]) => {
+            let id = id.to_string();
+            (
+                "/api/sync/jobs/{id}/retry",
+                sync::retry(app, req, &id).await,
+            )
         }
         _ => (
             "unmatched",
