@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -120,6 +120,8 @@ pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
     sockets: AtomicUsize,
+    /// Event frames queued to sockets since start (`/api/stats`).
+    frames_out: AtomicU64,
 }
 
 impl Default for Hub {
@@ -128,6 +130,7 @@ impl Default for Hub {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             sockets: AtomicUsize::new(0),
+            frames_out: AtomicU64::new(0),
         }
     }
 }
@@ -197,6 +200,9 @@ impl Hub {
     pub fn socket_count(&self) -> usize {
         self.sockets.load(Ordering::Relaxed)
     }
+    pub fn frames_out(&self) -> u64 {
+        self.frames_out.load(Ordering::Relaxed)
+    }
 
     /// Delivers `event` to the local members of `room`, skipping members of a
     /// room earlier in the event's list (they get it through that room: a
@@ -239,6 +245,8 @@ impl Hub {
                 }
             }
         }
+        self.frames_out
+            .fetch_add(sent.iter().sum(), Ordering::Relaxed);
         let mut any = false;
         for d in ALL {
             if sent[d.index()] > 0 {

@@ -152,6 +152,7 @@ impl App {
             "node_id": self.config.node_id,
             "sockets": self.hub.socket_count(),
             "rooms": self.hub.room_count(),
+            "messages_out": self.hub.frames_out(),
             "started_at": self.started_at,
             "last_seen": iso_now(),
         })
@@ -294,7 +295,7 @@ impl Node {
 /// connection task (bounded by the grace period) and stops background tasks.
 async fn serve(listener: TcpListener, app: Arc<App>) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -310,7 +311,7 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
         let app2 = app.clone();
         app.tracker.spawn(async move {
             let app3 = app2.clone();
-            let svc = service_fn(move |req| crate::http::handle(app3.clone(), req));
+            let svc = service_fn(move |req| crate::http::handle(app3.clone(), peer, req));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))

@@ -3,6 +3,7 @@
 //! One file per API area.
 
 mod bonuses;
+mod dashboard;
 mod driver;
 mod ops;
 mod orders;
@@ -191,7 +192,11 @@ pub fn identity<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
         .map_err(|e| ApiError::Unauthorized(e.to_string()))
 }
 
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+pub async fn handle(
+    app: Arc<App>,
+    peer: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
     let start = Instant::now();
     if let Some((dialect, path_token)) = crate::ws::endpoint(req.uri().path())
         && fastwebsockets::upgrade::is_upgrade_request(&req)
@@ -203,7 +208,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Resp, Infal
         }
         return Ok(crate::ws::upgrade(app, req, dialect, path_token));
     }
-    let (route, result) = route(&app, req).await;
+    let (route, result) = route(&app, peer, req).await;
     let resp = result.unwrap_or_else(error_response);
     let status = resp.status().as_u16().to_string();
     metrics::histogram!(m::HTTP_DURATION, "route" => route, "status" => status.clone())
@@ -213,7 +218,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Resp, Infal
 }
 
 /// Picks the handler; the first value is the bounded route label for metrics.
-async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Result<Resp, ApiError>) {
+async fn route(
+    app: &Arc<App>,
+    peer: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> (&'static str, Result<Resp, ApiError>) {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -226,6 +235,15 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Result<
             )),
         ),
         (&Method::GET, ["healthz"]) => ("/healthz", Ok(ops::healthz())),
+        (&Method::GET, ["dashboard", "dev-token"]) => {
+            ("/dashboard", dashboard::dev_token(app, peer))
+        }
+        (&Method::GET, ["dashboard", rest @ ..]) => (
+            "/dashboard",
+            dashboard::serve(rest.first().copied().unwrap_or(""))
+                .filter(|_| rest.len() <= 1)
+                .ok_or_else(|| ApiError::NotFound(format!("no dashboard asset {path}"))),
+        ),
         (&Method::GET, ["readyz"]) => ("/readyz", Ok(ops::readyz(app))),
         (&Method::GET, ["metrics"]) => ("/metrics", Ok(ops::metrics(app))),
         (&Method::POST, ["api", "publish"]) => ("/api/publish", ops::publish(app, req).await),

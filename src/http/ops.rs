@@ -149,9 +149,13 @@ pub async fn stats(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiEr
     };
     nodes.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
     let sockets: u64 = nodes.iter().filter_map(|n| n["sockets"].as_u64()).sum();
+    let messages_out: u64 = nodes
+        .iter()
+        .filter_map(|n| n["messages_out"].as_u64())
+        .sum();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"nodes": nodes, "sockets": sockets, "node_id": app.config.node_id}),
+        &json!({"nodes": nodes, "sockets": sockets, "messages_out": messages_out, "node_id": app.config.node_id}),
     ))
 }
 

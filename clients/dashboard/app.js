@@ -1,0 +1,196 @@
+// The live operations page: orders table, driver map, counters. Everything
+// live comes over one events-dialect socket (ORDER_*, DRIVER_LOCATION); the
+// only API calls are the initial order list and /api/stats for counters.
+
+import { SwitchboardClient } from '/dashboard/switchboard.js';
+
+const $ = (s) => document.querySelector(s);
+const wsBase = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`;
+let client = null;
+let token = null;
+
+async function api(path) {
+  const r = await fetch(path, { headers: { authorization: `Bearer ${token}` } });
+  if (!r.ok) throw new Error(`${path}: ${r.status} ${(await r.json().catch(() => ({})))?.error?.message ?? ''}`);
+  return r.json();
+}
+
+function setStatus(text, cls) {
+  const s = $('#status');
+  s.textContent = text;
+  s.className = `pill ${cls}`;
+}
+
+// ---- orders table -------------------------------------------------------
+
+function cell(text) {
+  const td = document.createElement('td');
+  td.textContent = text ?? '–';
+  return td;
+}
+
+function renderRow(o) {
+  let tr = document.querySelector(`#orders tr[data-id="${o.id}"]`);
+  const fresh = !tr;
+  if (!tr) {
+    tr = document.createElement('tr');
+    tr.dataset.id = o.id;
+  }
+  tr.replaceChildren(
+    cell(o.order_code),
+    (() => { const td = cell(''); const s = document.createElement('span'); s.className = `status ${o.status}`; s.textContent = o.status; td.append(s); return td; })(),
+    cell(o.city_id), cell(o.user_id), cell(o.driver_id), cell(o.total), cell(o.version),
+    cell(new Date(o.updated_at).toLocaleTimeString()),
+  );
+  tr.dataset.status = o.status;
+  tr.dataset.version = o.version;
+  tr.classList.remove('flash');
+  void tr.offsetWidth;
+  tr.classList.add('flash');
+  if (fresh) {
+    // Newest first.
+    const body = $('#orders tbody');
+    const after = [...body.children].find((r) => Number(r.dataset.id) < o.id);
+    body.insertBefore(tr, after ?? null);
+  }
+  countOrders();
+}
+
+function countOrders() {
+  $('#order-count').textContent = `${$('#orders tbody').children.length} shown`;
+}
+
+// ---- driver map ---------------------------------------------------------
+
+const W = 600, H = 420, PAD = 30;
+let box = null; // {minLat, maxLat, minLon, maxLon}
+
+function fit(p) {
+  if (!box) box = { minLat: p.latitude - 0.01, maxLat: p.latitude + 0.01, minLon: p.longitude - 0.01, maxLon: p.longitude + 0.01 };
+  const before = JSON.stringify(box);
+  box.minLat = Math.min(box.minLat, p.latitude); box.maxLat = Math.max(box.maxLat, p.latitude);
+  box.minLon = Math.min(box.minLon, p.longitude); box.maxLon = Math.max(box.maxLon, p.longitude);
+  return before !== JSON.stringify(box);
+}
+
+// Equirectangular projection of the bounding box onto the SVG.
+function project(lat, lon) {
+  const kx = Math.cos(((box.minLat + box.maxLat) / 2) * Math.PI / 180);
+  const spanX = Math.max((box.maxLon - box.minLon) * kx, 1e-6);
+  const spanY = Math.max(box.maxLat - box.minLat, 1e-6);
+  const scale = Math.min((W - 2 * PAD) / spanX, (H - 2 * PAD) / spanY);
+  const x = PAD + (lon - box.minLon) * kx * scale + ((W - 2 * PAD) - spanX * scale) / 2;
+  const y = H - PAD - (lat - box.minLat) * scale - ((H - 2 * PAD) - spanY * scale) / 2;
+  return [x, y];
+}
+
+function drawGrid() {
+  const g = $('#grid');
+  g.replaceChildren();
+  for (let i = 1; i < 6; i++) {
+    for (const [x1, y1, x2, y2] of [[i * W / 6, 0, i * W / 6, H], [0, i * H / 6, W, i * H / 6]]) {
+      const l = document.createElementNS('http://www.w3.org/2000/svg', 'line');
+      l.setAttribute('x1', x1); l.setAttribute('y1', y1); l.setAttribute('x2', x2); l.setAttribute('y2', y2);
+      g.append(l);
+    }
+  }
+}
+
+function placeAll() {
+  for (const [id, p] of client.drivers) place(id, p);
+}
+
+function place(id, p) {
+  let m = document.querySelector(`#markers g[data-driver="${id}"]`);
+  if (!m) {
+    m = document.createElementNS('http://www.w3.org/2000/svg', 'g');
+    m.dataset.driver = id;
+    const c = document.createElementNS('http://www.w3.org/2000/svg', 'circle');
+    c.setAttribute('r', 7);
+    c.setAttribute('class', 'driver');
+    c.dataset.driver = id;
+    const t = document.createElementNS('http://www.w3.org/2000/svg', 'text');
+    t.setAttribute('class', 'label');
+    t.textContent = `#${id}`;
+    m.append(c, t);
+    $('#markers').append(m);
+  }
+  const [x, y] = project(p.latitude, p.longitude);
+  const c = m.querySelector('circle');
+  c.setAttribute('cx', x.toFixed(1));
+  c.setAttribute('cy', y.toFixed(1));
+  c.dataset.lat = p.latitude;
+  c.dataset.lon = p.longitude;
+  const t = m.querySelector('text');
+  t.setAttribute('x', (x + 10).toFixed(1));
+  t.setAttribute('y', (y + 4).toFixed(1));
+  $('#driver-count').textContent = `${client.drivers.size} seen`;
+}
+
+// ---- counters -------------------------------------------------------------
+
+let last = null;
+async function refreshStats() {
+  try {
+    const s = await api('/api/stats');
+    $('#nodes').textContent = s.nodes.length;
+    $('#sockets').textContent = s.sockets;
+    const now = performance.now();
+    if (last) {
+      const rate = (s.messages_out - last.out) / ((now - last.t) / 1000);
+      $('#rate').textContent = Math.max(0, rate).toFixed(1);
+    }
+    last = { out: s.messages_out, t: now };
+  } catch (e) {
+    // Managers may not read /api/stats: counters stay blank.
+    $('#rate').textContent = '–';
+  }
+}
+
+// ---- sign in --------------------------------------------------------------
+
+async function signIn(t) {
+  token = t.trim();
+  $('#signin-error').hidden = true;
+  try {
+    const list = await api('/api/orders?limit=200');
+    client?.close();
+    client = new SwitchboardClient(`${wsBase}/ws`, { token });
+    for (const o of list.items) client.orders.byId.set(o.id, o);
+    client.orders.subscribe((kind, id, order) => {
+      if (kind === 'removed') {
+        document.querySelector(`#orders tr[data-id="${id}"]`)?.remove();
+        countOrders();
+      } else if (order && kind !== 'refetch') {
+        renderRow(order);
+      }
+    });
+    client.on('DRIVER_LOCATION', (msg) => {
+      const p = client.drivers.get(msg.payload.driverId);
+      if (fit(p)) placeAll(); else place(msg.payload.driverId, p);
+    });
+    client.on('open', () => setStatus('live', 'on'));
+    client.on('reconnecting', (n) => setStatus(`reconnecting (${n})`, 'retry'));
+    client.on('gave-up', (code) => setStatus(code === 4001 ? 'token rejected' : 'disconnected', 'off'));
+    client.connect();
+    $('#orders tbody').replaceChildren();
+    for (const o of client.orders.list().reverse()) renderRow(o);
+    $('#signin').hidden = true;
+    $('#live').hidden = false;
+    refreshStats();
+    setInterval(refreshStats, 2000);
+  } catch (e) {
+    $('#signin-error').textContent = e.message;
+    $('#signin-error').hidden = false;
+  }
+}
+
+drawGrid();
+$('#go').addEventListener('click', () => signIn($('#token').value));
+fetch('/dashboard/dev-token').then(async (r) => {
+  if (!r.ok) return;
+  const { token: dev } = await r.json();
+  const b = $('#dev');
+  b.hidden = false;
+  b.addEventListener('click', () => { $('#token').value = dev; signIn(dev); });
+}).catch(() => {});

@@ -1,0 +1,159 @@
+// Test helpers: start the real switchboard binary on a free port, mint
+// tokens, HTTP calls. Every process started is killed when the test ends.
+
+import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { mkdtempSync, existsSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+export const SECRET = 'js-client-test-secret-0123456789';
+export const API_KEY = 'js-test-key';
+
+const live = new Set();
+process.on('exit', () => {
+  for (const c of live) c.kill('SIGKILL');
+});
+
+export function binary() {
+  if (process.env.SWITCHBOARD_BIN) return process.env.SWITCHBOARD_BIN;
+  const target = process.env.CARGO_TARGET_DIR ?? resolve(import.meta.dirname, '../../../target');
+  const bin = join(target, 'debug', 'switchboard');
+  if (!existsSync(bin)) throw new Error(`${bin} missing: build with cargo build, or set SWITCHBOARD_BIN`);
+  return bin;
+}
+
+export function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+    s.on('error', rej);
+  });
+}
+
+const b64 = (x) => Buffer.from(x).toString('base64url');
+
+export function mint(claims, secret = SECRET) {
+  const body = { exp: Math.floor(Date.now() / 1000) + 3600, ...claims };
+  const head = b64(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const payload = b64(JSON.stringify(body));
+  const sig = createHmac('sha256', secret).update(`${head}.${payload}`).digest('base64url');
+  return `${head}.${payload}.${sig}`;
+}
+
+export const admin = () => mint({ sub: '1', role: 'admin' });
+
+/** A node process; `stop()` sends SIGTERM (drain) and waits for exit. */
+export class Node {
+  constructor(port, dbDir) {
+    this.port = port;
+    this.dbDir = dbDir ?? mkdtempSync(join(tmpdir(), 'sbjs-'));
+    this.child = null;
+  }
+
+  static async start(t) {
+    const n = new Node(await freePort());
+    await n.spawn();
+    t.after(() => n.kill());
+    return n;
+  }
+
+  get http() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  ws(path) {
+    return `ws://127.0.0.1:${this.port}${path}`;
+  }
+
+  async spawn() {
+    this.child = spawn(binary(), ['serve'], {
+      env: {
+        ...process.env,
+        SWITCHBOARD_LISTEN: `127.0.0.1:${this.port}`,
+        DATABASE_URL: `sqlite://${join(this.dbDir, 'sb.db')}?mode=rwc`,
+        JWT_SECRET: SECRET,
+        API_KEYS: API_KEY,
+        SHUTDOWN_GRACE_SECS: '3',
+        RUST_LOG: 'warn',
+      },
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    live.add(this.child);
+    const deadline = Date.now() + 20000;
+    for (;;) {
+      try {
+        const r = await fetch(`${this.http}/readyz`);
+        if (r.status === 200) return;
+      } catch {}
+      if (Date.now() > deadline) throw new Error('node did not start');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  async stop() {
+    const c = this.child;
+    if (!c) return;
+    const done = new Promise((r) => c.once('exit', r));
+    c.kill('SIGTERM');
+    await done;
+    live.delete(c);
+    this.child = null;
+  }
+
+  kill() {
+    if (this.child) {
+      this.child.kill('SIGKILL');
+      live.delete(this.child);
+      this.child = null;
+    }
+  }
+
+  async call(method, path, token, body) {
+    const r = await fetch(`${this.http}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await r.text();
+    return { status: r.status, body: text ? JSON.parse(text) : null };
+  }
+
+  async publish(room, type, data) {
+    const r = await fetch(`${this.http}/api/publish`, {
+      method: 'POST',
+      headers: { 'x-api-key': API_KEY, 'content-type': 'application/json' },
+      body: JSON.stringify({ room, type, data }),
+    });
+    if (r.status !== 204) throw new Error(`publish ${r.status}: ${await r.text()}`);
+  }
+}
+
+/** Resolves with the first event of `type` the client emits (or rejects after `ms`). */
+export function next(client, type, ms = 10000, filter = () => true) {
+  return new Promise((res, rej) => {
+    const timer = setTimeout(() => {
+      off();
+      rej(new Error(`no ${type} within ${ms} ms`));
+    }, ms);
+    const off = client.on(type, (...args) => {
+      if (!filter(...args)) return;
+      clearTimeout(timer);
+      off();
+      res(args.length > 1 ? args : args[0]);
+    });
+  });
+}
+
+/** Polls `cond` until true (or throws after `ms`). */
+export async function until(cond, ms = 10000) {
+  const deadline = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error('condition never became true');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
