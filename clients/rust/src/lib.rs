@@ -1,7 +1,15 @@
-//! A small WebSocket client for switchboard, used by the load generator and
-//! tests: connect to any endpoint, send text, receive raw frames. A reader
-//! task owns the read half (fastwebsockets' `read_frame` is not cancel-safe,
-//! so it never sits in a `select!`); sends go through a shared writer.
+//! Rust client for switchboard's three WebSocket dialects.
+//!
+//! - [`Socket`]: one connection, raw frames in and out (the load generator
+//!   uses it: it parses only what it measures). A reader task owns the read
+//!   half (fastwebsockets' `read_frame` is not cancel-safe, so it never sits
+//!   in a `select!`); sends go through a shared writer.
+//! - [`reconnect::Client`]: stays connected with seed 000's rules (backoff
+//!   with jitter, at most 10 attempts, no retry after 4001/4003) and keeps
+//!   [`cache::OrdersCache`] and [`cache::DriverPositions`] up to date.
+
+pub mod cache;
+pub mod reconnect;
 
 use std::future::Future;
 use std::net::SocketAddr;
