@@ -291,10 +291,20 @@ impl Node {
     }
 }
 
-/// Accepts connections until the drain starts, then waits for every
+/// How long a draining node keeps answering new HTTP connections (readiness
+/// 503, upgrades refused, API requests served) so probes and load balancers
+/// see it go unready instead of refused connections: a fifth of the grace
+/// period, at most 5 s.
+fn drain_linger(grace: Duration) -> Duration {
+    (grace / 5).min(Duration::from_secs(5))
+}
+
+/// Accepts connections until the drain has lingered, then waits for every
 /// connection task (bounded by the grace period) and stops background tasks.
 async fn serve(listener: TcpListener, app: Arc<App>) {
+    let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
+        let until = linger_until;
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -305,19 +315,31 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
                     continue;
                 }
             },
-            _ = app.drain.cancelled() => break,
+            _ = app.drain.cancelled(), if until.is_none() => {
+                linger_until = Some(tokio::time::Instant::now() + drain_linger(app.config.shutdown_grace));
+                continue;
+            }
+            _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => break,
         };
         let _ = tcp.set_nodelay(true);
+        let draining = linger_until.is_some();
         let app2 = app.clone();
         app.tracker.spawn(async move {
             let app3 = app2.clone();
             let svc = service_fn(move |req| crate::http::handle(app3.clone(), peer, req));
+            // A connection accepted while draining answers one request and
+            // closes; older ones finish their request and close.
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                .keep_alive(!draining)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
+            if draining {
+                let _ = tokio::time::timeout(app2.config.shutdown_grace, conn).await;
+                return;
+            }
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = app2.drain.cancelled() => {
