@@ -8,6 +8,11 @@
 //!   an admin socket watches; ingest rate and staleness at the watcher.
 //! - `expiry`: offers due in the same second across K node processes;
 //!   each expires once; lateness = `order_timeout` received − deadline.
+//! - `fanout`: S subscribers over N nodes (via Redis), a publisher at rate R
+//!   through `POST /api/publish`; deliveries/s, loss, duplicates, latency,
+//!   server CPU per delivery and peak RSS, and the loadgen's own CPU cost.
+//! - `connections`: N idle sockets over K nodes; RSS per socket, idle CPU.
+//! - `churn`: connect + authenticate + first message, per second.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +65,62 @@ enum Cmd {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// Fan-out through Redis: S subscribers over N nodes, publishes at R/s.
+    Fanout {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Publishes per second (deliveries/s = rate × subscribers).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Bytes of filler in each payload.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Endpoint the subscribers use: /ws (events), / (rooms), driver.
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
+        #[arg(long)]
+        server: Option<PathBuf>,
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Idle sockets: RSS and CPU per socket.
+    Connections {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+        /// Seconds to hold them idle while measuring CPU.
+        #[arg(long, default_value_t = 20.0)]
+        idle_secs: f64,
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Connect + authenticate + first message, per second.
+    Churn {
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Internal: hold `count` idle sockets to `addr` (used by `connections`).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        first_ip: u8,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Offers due together across nodes.
     Expiry {
         #[arg(long, default_value_t = 3)]
@@ -98,6 +159,45 @@ fn main() -> anyhow::Result<()> {
                 timeout_secs,
                 database_url,
             } => expiry(nodes, offers, timeout_secs, database_url).await,
+            Cmd::Fanout {
+                nodes,
+                subscribers,
+                rate,
+                secs,
+                payload,
+                path,
+                server,
+                database_url,
+            } => {
+                fanout(FanoutArgs {
+                    nodes,
+                    subscribers,
+                    rate,
+                    secs,
+                    payload,
+                    path,
+                    server,
+                    database_url,
+                })
+                .await
+            }
+            Cmd::Connections {
+                nodes,
+                sockets,
+                idle_secs,
+                database_url,
+            } => connections(nodes, sockets, idle_secs, database_url).await,
+            Cmd::Churn {
+                concurrency,
+                secs,
+                database_url,
+            } => churn(concurrency, secs, database_url).await,
+            Cmd::Hold {
+                addr,
+                count,
+                first_ip,
+                secs,
+            } => hold(addr, count, first_ip, secs).await,
         }
     })
 }
@@ -297,7 +397,16 @@ async fn cluster(
     db_url: &str,
     extra: &[(&str, String)],
 ) -> anyhow::Result<Vec<NodeProcess>> {
-    let bin = node_binary()?;
+    cluster_of(&node_binary()?, k, redis, db_url, extra).await
+}
+
+async fn cluster_of(
+    bin: &std::path::Path,
+    k: usize,
+    redis: &RedisServer,
+    db_url: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Vec<NodeProcess>> {
     let mut nodes = Vec::new();
     for i in 0..k {
         let mut env = vec![
@@ -309,7 +418,7 @@ async fn cluster(
         ];
         env.extend(extra.iter().cloned());
         // The first node migrates; the others start after it.
-        nodes.push(NodeProcess::start(&bin, &env).await);
+        nodes.push(NodeProcess::start(bin, &env).await);
     }
     for n in &nodes {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -324,6 +433,20 @@ async fn cluster(
         }
     }
     Ok(nodes)
+}
+
+/// Peak and current resident memory of a process, in KiB (VmHWM, VmRSS).
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
 }
 
 fn cpu_seconds(pid: u32) -> Option<f64> {
@@ -574,6 +697,387 @@ async fn expiry(
         "{}",
         json!({"scenario": "expiry", "nodes": k, "offers": offers, "once": once, "duplicated": dup,
                "missing": missing, "create_secs": create_secs, "lateness": pct(&late)})
+    );
+    Ok(())
+}
+
+struct FanoutArgs {
+    nodes: usize,
+    subscribers: usize,
+    rate: f64,
+    secs: f64,
+    payload: usize,
+    path: String,
+    server: Option<PathBuf>,
+    database_url: Option<String>,
+}
+
+/// A kept-alive HTTP/1 connection for the publisher.
+struct HttpConn {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    addr: std::net::SocketAddr,
+}
+
+impl HttpConn {
+    async fn open(addr: std::net::SocketAddr) -> anyhow::Result<HttpConn> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Ok(HttpConn { sender, addr })
+    }
+
+    async fn post(&mut self, path: &str, key: &str, body: String) -> anyhow::Result<u16> {
+        let req = hyper::Request::post(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .header("x-api-key", key)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        use http_body_util::BodyExt;
+        let _ = resp.into_body().collect().await;
+        Ok(status)
+    }
+}
+
+/// The integer after `"key":` in a JSON frame, without parsing the JSON.
+fn int_field(b: &[u8], key: &[u8]) -> Option<u64> {
+    let i = b.windows(key.len()).position(|w| w == key)? + key.len();
+    let mut n = 0u64;
+    let mut any = false;
+    for &c in &b[i..] {
+        if c.is_ascii_digit() {
+            n = n * 10 + (c - b'0') as u64;
+            any = true;
+        } else {
+            break;
+        }
+    }
+    any.then_some(n)
+}
+
+fn self_cpu() -> f64 {
+    cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
+    let redis = RedisServer::start();
+    let (db_url, _dir) = database(a.database_url)?;
+    let bin = match a.server {
+        Some(p) => p,
+        None => node_binary()?,
+    };
+    let nodes = cluster_of(
+        &bin,
+        a.nodes,
+        &redis,
+        &db_url,
+        &[("SEND_QUEUE_LEN", "4096".into())],
+    )
+    .await?;
+    let admin = mint(SECRET, json!({"sub": 1, "role": "admin"}));
+    let driver = mint(SECRET, json!({"sub": 7, "role": "driver", "city_id": 1}));
+    // Drivers listen on driver-7; everyone else on admin-orders.
+    let (room, token) = if a.path.starts_with("/ws/driver") {
+        ("driver-7", driver)
+    } else {
+        ("admin-orders", admin)
+    };
+    let mut subs = Vec::new();
+    for i in 0..a.subscribers {
+        let n = &nodes[i % nodes.len()];
+        let sep = if a.path.contains('?') { '&' } else { '?' };
+        let mut s =
+            Socket::connect(n.addr, &format!("{}{sep}token={token}", a.path), None, 4096).await?;
+        // Connect messages (1, or 2 on the driver endpoint).
+        let _ = s.recv().await;
+        if a.path.starts_with("/ws/driver") {
+            let _ = s.recv().await;
+        }
+        subs.push(s);
+    }
+    let stop_at = Instant::now() + Duration::from_secs_f64(a.secs);
+    let drain_until = stop_at + Duration::from_secs(5);
+    let total_publishes = (a.rate * a.secs).round() as u64;
+    // Subscribers: parse only `"s":` (sequence) and `"t":` (send time, µs).
+    let mut tasks = Vec::new();
+    for mut s in subs {
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            let mut seen = vec![false; total_publishes as usize + 1];
+            let (mut got, mut dups) = (0u64, 0u64);
+            while let Ok(Some(Incoming::Text(b))) =
+                tokio::time::timeout_at(drain_until.into(), s.recv()).await
+            {
+                let (Some(seq), Some(t)) = (int_field(&b, b"\"s\":"), int_field(&b, b"\"t\":"))
+                else {
+                    continue;
+                };
+                let now = chrono::Utc::now().timestamp_micros() as u64;
+                let _ = h.record(now.saturating_sub(t).max(1));
+                match seen.get_mut(seq as usize) {
+                    Some(x) if *x => dups += 1,
+                    Some(x) => {
+                        *x = true;
+                        got += 1;
+                    }
+                    None => {}
+                }
+            }
+            (h, got, dups, seen)
+        }));
+    }
+    let pids: Vec<u32> = nodes.iter().filter_map(NodeProcess::pid).collect();
+    let cpu0: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .collect();
+    let my0 = self_cpu();
+    // Publisher: paced, one kept-alive connection per node, round-robin.
+    let filler = "x".repeat(a.payload);
+    let mut conns = Vec::new();
+    for n in &nodes {
+        conns.push(HttpConn::open(n.addr).await?);
+    }
+    let started = Instant::now();
+    let mut accepted = vec![false; total_publishes as usize + 1];
+    let mut refused = 0u64;
+    for seq in 1..=total_publishes {
+        let due = started + Duration::from_secs_f64((seq - 1) as f64 / a.rate);
+        tokio::time::sleep_until(due.into()).await;
+        let t = chrono::Utc::now().timestamp_micros();
+        let body = format!(
+            r#"{{"room":"{room}","type":"bench","data":{{"s":{seq},"t":{t},"p":"{filler}"}}}}"#
+        );
+        let c = &mut conns[seq as usize % nodes.len()];
+        match c.post("/api/publish", API_KEY, body).await {
+            Ok(204) => accepted[seq as usize] = true,
+            _ => refused += 1,
+        }
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let mut lat = hist();
+    let (mut got, mut dups, mut lost) = (0u64, 0u64, 0u64);
+    for t in tasks {
+        let (h, g, d, seen) = t.await?;
+        lat.add(&h)?;
+        got += g;
+        dups += d;
+        lost += accepted
+            .iter()
+            .zip(&seen)
+            .filter(|(acc, s)| **acc && !**s)
+            .count() as u64;
+    }
+    let my_cpu = self_cpu() - my0;
+    let node_cpu: f64 = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c)| cpu_seconds(*p).unwrap_or(*c) - c)
+        .sum();
+    let peak_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).0).collect();
+    let expected = accepted.iter().filter(|x| **x).count() as u64 * a.subscribers as u64;
+    let per_s = got as f64 / publish_secs;
+    let server_us = node_cpu * 1e6 / got.max(1) as f64;
+    let loadgen_us = my_cpu * 1e6 / got.max(1) as f64;
+    println!(
+        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s for {:.1} s, payload {} B, server {}",
+        a.subscribers,
+        a.nodes,
+        a.path,
+        total_publishes,
+        a.rate,
+        publish_secs,
+        a.payload,
+        bin.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+    );
+    println!(
+        "  deliveries {got}/{expected} ({per_s:.0}/s), lost {lost}, duplicates {dups}, publishes refused {refused}"
+    );
+    println!("  latency publish→socket: {}", pct(&lat));
+    println!(
+        "  server CPU {node_cpu:.2} s = {server_us:.2} µs/delivery; peak RSS per node {peak_rss:?} KiB; loadgen CPU {loadgen_us:.2} µs/delivery"
+    );
+    println!(
+        "{}",
+        json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
+               "subscribers": a.subscribers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
+               "deliveries": got, "expected": expected, "per_s": per_s, "lost": lost, "duplicates": dups,
+               "refused": refused, "latency": pct(&lat), "server_cpu_s": node_cpu,
+               "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us})
+    );
+    Ok(())
+}
+
+/// Opens `count` idle sockets from 127.0.0.`first_ip`.. (cycling source
+/// addresses past the ephemeral port range), holds them `secs`, then exits.
+async fn hold(
+    addr: std::net::SocketAddr,
+    count: usize,
+    first_ip: u8,
+    secs: f64,
+) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let admin = mint(SECRET, json!({"sub": 1, "role": "user"}));
+    let mut socks = Vec::with_capacity(count);
+    let per_ip = 20_000;
+    for i in 0..count {
+        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            127,
+            0,
+            0,
+            first_ip + (i / per_ip) as u8,
+        ));
+        let mut s = Socket::connect(addr, &format!("/?token={admin}"), Some(ip), 4).await?;
+        let _ = s.recv().await;
+        socks.push(s);
+    }
+    println!("held {count}");
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    drop(socks);
+    Ok(())
+}
+
+async fn connections(
+    k: usize,
+    sockets: usize,
+    idle_secs: f64,
+    database_url: Option<String>,
+) -> anyhow::Result<()> {
+    let redis = RedisServer::start();
+    let (db_url, _dir) = database(database_url)?;
+    let nodes = cluster(k, &redis, &db_url, &[]).await?;
+    let pids: Vec<u32> = nodes.iter().filter_map(NodeProcess::pid).collect();
+    let rss0: Vec<u64> = pids.iter().map(|p| rss_kib(*p).1).collect();
+    // One holder process per node (each below the per-process file cap).
+    let me = std::env::current_exe()?;
+    let per_node = sockets / k;
+    let hold_secs = idle_secs + 120.0;
+    let t0 = Instant::now();
+    let mut holders = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let child = tokio::process::Command::new(&me)
+            .args([
+                "hold",
+                "--addr",
+                &n.addr.to_string(),
+                "--count",
+                &per_node.to_string(),
+            ])
+            .args([
+                "--first-ip",
+                &(2 + i * 10).to_string(),
+                "--secs",
+                &hold_secs.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        holders.push(child);
+    }
+    // Wait until every holder reports its sockets open.
+    for h in holders.iter_mut() {
+        use tokio::io::AsyncBufReadExt;
+        let out = h.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        match tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await {
+            Ok(Ok(Some(l))) if l.starts_with("held") => {}
+            other => bail!("holder failed: {other:?}"),
+        }
+    }
+    let open_secs = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1: Vec<u64> = pids.iter().map(|p| rss_kib(*p).1).collect();
+    let cpu0: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(idle_secs)).await;
+    let cpu1: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .collect();
+    let total = per_node * k;
+    let rss_delta: u64 = rss1
+        .iter()
+        .zip(&rss0)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
+    let kib_per_socket = rss_delta as f64 / total as f64;
+    let idle_cpu: f64 = cpu1.iter().zip(&cpu0).map(|(a, b)| a - b).sum();
+    let us_per_socket_s = idle_cpu * 1e6 / total as f64 / idle_secs;
+    println!("connections: {total} idle sockets over {k} nodes (opened in {open_secs:.1} s)");
+    println!(
+        "  server RSS +{rss_delta} KiB = {kib_per_socket:.2} KiB/socket; idle CPU {idle_cpu:.3} s over {idle_secs} s = {us_per_socket_s:.3} µs/s per socket"
+    );
+    println!(
+        "{}",
+        json!({"scenario": "connections", "sockets": total, "nodes": k, "open_secs": open_secs,
+               "rss_delta_kib": rss_delta, "kib_per_socket": kib_per_socket,
+               "idle_cpu_s": idle_cpu, "idle_secs": idle_secs, "us_per_socket_per_s": us_per_socket_s})
+    );
+    drop(holders);
+    Ok(())
+}
+
+async fn churn(concurrency: usize, secs: f64, database_url: Option<String>) -> anyhow::Result<()> {
+    let redis = RedisServer::start();
+    let (db_url, _dir) = database(database_url)?;
+    let nodes = cluster(1, &redis, &db_url, &[]).await?;
+    let addr = nodes[0].addr;
+    let pid = nodes[0].pid().unwrap_or(0);
+    let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let stop_at = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            let mut n = 0u64;
+            let mut failed = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < stop_at {
+                i += 1;
+                // A distinct user per connection: each joins its own room.
+                let tok = mint(
+                    SECRET,
+                    json!({"sub": 1_000_000 + w as u64 * 1_000_000 + i, "role": "user"}),
+                );
+                let t = Instant::now();
+                match Socket::connect(addr, &format!("/?token={tok}"), None, 4).await {
+                    Ok(mut s) => match s.recv().await {
+                        Some(Incoming::Text(_)) => {
+                            let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                            n += 1;
+                        }
+                        _ => failed += 1,
+                    },
+                    Err(_) => failed += 1,
+                }
+            }
+            (h, n, failed)
+        }));
+    }
+    let mut h = hist();
+    let (mut n, mut failed) = (0, 0);
+    for t in tasks {
+        let (th, tn, tf) = t.await?;
+        h.add(&th)?;
+        n += tn;
+        failed += tf;
+    }
+    let cpu = cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
+    println!(
+        "churn: {concurrency} concurrent clients for {secs} s: {n} connects ({:.0}/s), {failed} failed, node CPU {cpu:.2} s ({:.0} µs/connect)",
+        n as f64 / secs,
+        cpu * 1e6 / n.max(1) as f64
+    );
+    println!("  connect+auth+first message: {}", pct(&h));
+    println!(
+        "{}",
+        json!({"scenario": "churn", "concurrency": concurrency, "secs": secs, "connects": n,
+               "per_s": n as f64 / secs, "failed": failed, "node_cpu_s": cpu, "latency": pct(&h)})
     );
     Ok(())
 }
