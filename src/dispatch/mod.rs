@@ -311,22 +311,29 @@ pub async fn run_clock(app: Arc<App>) {
             _ = app.stop.cancelled() => return,
         }
         let now_ms = Utc::now().timestamp_millis();
-        match app.offers.claim_due(now_ms, 256).await {
+        // A small batch, expired concurrently, so a batch finishes well
+        // within the lease even when many deadlines fall together.
+        match app.offers.claim_due(now_ms, 64).await {
             Ok(ids) => {
                 if app.config.fault_hang_after_claim && !ids.is_empty() {
                     tracing::error!(offers = ?ids, "fault injection: hanging after claim");
                     std::future::pending::<()>().await;
                 }
+                let mut set = tokio::task::JoinSet::new();
                 for id in ids {
-                    match expire(&app, id).await {
-                        Ok(_) => {
-                            let _ = app.offers.done(id).await;
+                    let app = app.clone();
+                    set.spawn(async move {
+                        match expire(&app, id).await {
+                            Ok(_) => {
+                                let _ = app.offers.done(id).await;
+                            }
+                            // Not marked done: the lease runs out and some
+                            // node retries it.
+                            Err(e) => tracing::warn!(offer = id, error = %e, "offer expiry failed"),
                         }
-                        // Not marked done: the lease runs out and some node
-                        // retries it.
-                        Err(e) => tracing::warn!(offer = id, error = %e, "offer expiry failed"),
-                    }
+                    });
                 }
+                while set.join_next().await.is_some() {}
             }
             Err(e) => tracing::debug!(error = %e, "claiming due offers failed"),
         }
