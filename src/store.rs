@@ -421,28 +421,38 @@ pub async fn delete_order(
 // ---------------------------------------------------------------- offers
 
 /// Creates an open offer; `None` when the driver or the order already has
-/// one (the partial unique indexes decide, so racing dispatchers are safe).
+/// one (the partial unique indexes decide, so racing dispatchers are safe),
+/// or when the order is gone or no longer waiting for a driver (checked in
+/// the same statement, so a delete or an accept racing a dispatch wins).
 pub async fn create_offer(
     db: &DatabaseConnection,
     order_id: i64,
     driver_id: i64,
     distance_km: f64,
     expires_at: DateTime<Utc>,
+    assignable: &[&str],
 ) -> Result<Option<Offer>, StoreError> {
-    let r = offer::ActiveModel {
-        order_id: Set(order_id),
-        driver_id: Set(driver_id),
-        status: Set("open".into()),
-        distance_km: Set(distance_km),
-        created_at: Set(Utc::now()),
-        expires_at: Set(expires_at),
-        ended_at: Set(None),
-        ..Default::default()
-    }
-    .insert(db)
-    .await;
+    let marks = vec!["?"; assignable.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO offers (order_id, driver_id, status, distance_km, created_at, expires_at) \
+         SELECT ?, ?, 'open', ?, ?, ? WHERE EXISTS (SELECT 1 FROM orders WHERE id = ? \
+         AND driver_id IS NULL AND status IN ({marks})) RETURNING *"
+    );
+    let mut values: Vec<Value> = vec![
+        order_id.into(),
+        driver_id.into(),
+        distance_km.into(),
+        Utc::now().into(),
+        expires_at.into(),
+        order_id.into(),
+    ];
+    values.extend(assignable.iter().map(|s| Value::from(*s)));
+    let r = offer::Entity::find()
+        .from_raw_sql(stmt(db, &sql, values))
+        .one(db)
+        .await;
     match r {
-        Ok(o) => Ok(Some(o)),
+        Ok(o) => Ok(o),
         Err(e) if is_unique_violation(&e) => Ok(None),
         Err(e) => Err(e.into()),
     }

@@ -92,20 +92,35 @@ pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiErro
     for c in candidates.iter().filter(|c| !busy.contains(&c.driver_id)) {
         let expires = Utc::now()
             + chrono::Duration::from_std(app.config.offer_timeout).unwrap_or(chrono::Duration::MAX);
-        match store::create_offer(&app.db, order_id, c.driver_id, c.distance_km, expires).await? {
+        match store::create_offer(
+            &app.db,
+            order_id,
+            c.driver_id,
+            c.distance_km,
+            expires,
+            &ASSIGNABLE,
+        )
+        .await?
+        {
             Some(offer) => {
                 make_offer(app, &order, &offer).await?;
                 metrics::histogram!(m::DISPATCH_DURATION).record(start.elapsed().as_secs_f64());
                 return Ok(Some(offer));
             }
-            // The driver got another offer meanwhile, or another node
-            // offered this order first: in the second case stop here.
+            // The driver got another offer meanwhile (try the next one), or
+            // another node offered this order first, or it was deleted or
+            // taken: then stop here.
             None => {
                 if store::open_offer_of_order(&app.db, order_id)
                     .await?
                     .is_some()
                 {
                     return Ok(None);
+                }
+                match store::get_order(&app.db, order_id).await? {
+                    Some(o) if ASSIGNABLE.contains(&o.status.as_str()) && o.driver_id.is_none() => {
+                    }
+                    _ => return Ok(None),
                 }
             }
         }
@@ -189,7 +204,7 @@ pub async fn assign(app: &App, order: &Order, driver_id: i64) -> Result<Offer, A
     };
     let expires = Utc::now()
         + chrono::Duration::from_std(app.config.offer_timeout).unwrap_or(chrono::Duration::MAX);
-    let offer = store::create_offer(&app.db, order.id, driver_id, distance, expires)
+    let offer = store::create_offer(&app.db, order.id, driver_id, distance, expires, &ASSIGNABLE)
         .await?
         .ok_or_else(|| {
             ApiError::Conflict("the driver or the order got another offer first".into())
