@@ -92,6 +92,10 @@ pub struct Settings {
     pub max_frame_bytes: usize,
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 25.0)]
     pub shutdown_grace_secs: f64,
+    /// After SIGTERM, seconds the node keeps serving while `/readyz` answers
+    /// 503, before it closes its sockets (1012); part of SHUTDOWN_GRACE_SECS.
+    #[arg(long, env = "DRAIN_DELAY_SECS", default_value_t = 1.0)]
+    pub drain_delay_secs: f64,
     /// Messages a socket may have queued before it is closed as a slow consumer.
     #[arg(long, env = "SEND_QUEUE_LEN", default_value_t = 1024)]
     pub send_queue_len: usize,
@@ -163,6 +167,9 @@ pub struct Config {
     pub bonus_rate: f64,
     pub max_frame_bytes: usize,
     pub shutdown_grace: Duration,
+    /// SIGTERM → unready (readyz 503) for this long → drain. Shorter than
+    /// `shutdown_grace`, which bounds the whole shutdown (see `main`).
+    pub drain_delay: Duration,
     pub send_queue_len: usize,
     pub redis_prefix: String,
     /// Test-only fault: the offer clock hangs after claiming (see Settings).
@@ -277,6 +284,16 @@ impl Config {
         if !(128..=16 << 20).contains(&s.max_frame_bytes) {
             return Err(invalid("MAX_FRAME_BYTES", "must be between 128 and 16 MiB"));
         }
+        let shutdown_grace = secs("SHUTDOWN_GRACE_SECS", s.shutdown_grace_secs)?;
+        if !(s.drain_delay_secs.is_finite()
+            && s.drain_delay_secs >= 0.0
+            && s.drain_delay_secs < s.shutdown_grace_secs)
+        {
+            return Err(invalid(
+                "DRAIN_DELAY_SECS",
+                "must be at least 0 and less than SHUTDOWN_GRACE_SECS",
+            ));
+        }
         if s.send_queue_len == 0 {
             return Err(invalid("SEND_QUEUE_LEN", "must be at least 1"));
         }
@@ -304,7 +321,8 @@ impl Config {
             driver_stale: secs("DRIVER_STALE_SECS", s.driver_stale_secs)?,
             bonus_rate: s.bonus_rate,
             max_frame_bytes: s.max_frame_bytes,
-            shutdown_grace: secs("SHUTDOWN_GRACE_SECS", s.shutdown_grace_secs)?,
+            shutdown_grace,
+            drain_delay: Duration::from_secs_f64(s.drain_delay_secs),
             send_queue_len: s.send_queue_len,
             redis_prefix: s.redis_prefix,
             fault_hang_after_claim: s.fault.as_deref() == Some("hang-after-claim"),
@@ -332,6 +350,7 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_secs(30));
         assert_eq!(c.max_frame_bytes, 65536);
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(c.drain_delay, Duration::from_secs(1));
         assert_eq!(c.redis_prefix, "sb:");
         assert!(matches!(
             c.jwt_key,
@@ -362,5 +381,11 @@ mod tests {
         };
         let e = Config::from_settings(s).unwrap_err().to_string();
         assert!(e.contains("OFFER_TIMEOUT_SECS"), "{e}");
+        let s = Settings {
+            drain_delay_secs: 30.0,
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("DRAIN_DELAY_SECS"), "{e}");
     }
 }

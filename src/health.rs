@@ -15,6 +15,8 @@ const PERIOD: Duration = Duration::from_secs(1);
 pub const NODE_TTL_SECS: u64 = 10;
 
 pub async fn run(app: Arc<App>) {
+    metrics::gauge!(m::NODE_INFO, "node" => app.config.node_id.clone(), "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

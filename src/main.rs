@@ -128,18 +128,45 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if dev {
         print_dev_banner(&node)?;
     }
-    wait_for_signal().await;
-    tracing::info!("shutdown signal: draining");
-    node.stop().await;
+    let sig = wait_for_signal().await;
+    let started = std::time::Instant::now();
+    let app = node.app().clone();
+    if sig == Signal::Term && !app.config.drain_delay.is_zero() {
+        // Unready first, still serving: `/readyz` answers 503 so a load
+        // balancer that routes by readiness stops sending clients here before
+        // the sockets are told to reconnect elsewhere (1012). SIGINT (Ctrl-C)
+        // or a second signal skips the wait.
+        app.health
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!(switchboard::metrics::READY).set(0.0);
+        tracing::info!(delay = ?app.config.drain_delay, "SIGTERM: unready, draining after the delay");
+        tokio::select! {
+            _ = tokio::time::sleep(app.config.drain_delay) => {}
+            _ = wait_for_signal() => {}
+        }
+    }
+    tracing::info!("draining");
+    // The whole shutdown, delay included, fits in SHUTDOWN_GRACE_SECS.
+    let left = app.config.shutdown_grace.saturating_sub(started.elapsed());
+    if tokio::time::timeout(left, node.stop()).await.is_err() {
+        tracing::warn!("grace period over: exiting with connections still open");
+    }
     Ok(())
 }
 
-async fn wait_for_signal() {
+#[derive(PartialEq)]
+enum Signal {
+    Term,
+    Int,
+}
+
+async fn wait_for_signal() -> Signal {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => Signal::Term,
+        _ = tokio::signal::ctrl_c() => Signal::Int,
     }
 }
 

@@ -29,6 +29,39 @@ pub const SYNC_ATTEMPTS: &str = "switchboard_sync_attempts_total";
 pub const SYNC_DELIVERED: &str = "switchboard_sync_delivered_total";
 pub const SYNC_FAILED: &str = "switchboard_sync_failed_total";
 pub const SYNC_LATENCY: &str = "switchboard_sync_delivery_latency_seconds";
+pub const NODE_INFO: &str = "switchboard_node_info";
+
+/// Every metric name the server exports: what `grafana/dashboard.json`,
+/// `grafana/alerts.yml` and `tests/ops.rs` check their queries against. A
+/// histogram is listed once by its base name (Prometheus adds `_bucket`,
+/// `_sum` and `_count`). A metric appears on `/metrics` once it was first
+/// recorded, so a fresh node shows only part of this list.
+pub const ALL: &[&str] = &[
+    SOCKETS_OPEN,
+    SOCKETS_OPENED,
+    WS_MESSAGES_IN,
+    WS_MESSAGES_OUT,
+    WS_ERRORS,
+    SLOW_CONSUMERS,
+    BROKER_PUBLISHED,
+    BROKER_RECEIVED,
+    BROKER_RECONNECTS,
+    DELIVERY_LATENCY,
+    REDIS_DURATION,
+    REDIS_ERRORS,
+    HTTP_DURATION,
+    HTTP_REQUESTS,
+    READY,
+    DISPATCH_DURATION,
+    OFFERS,
+    DRIVER_LOCATIONS,
+    SYNC_JOBS,
+    SYNC_ATTEMPTS,
+    SYNC_DELIVERED,
+    SYNC_FAILED,
+    SYNC_LATENCY,
+    NODE_INFO,
+];
 
 /// Sub-millisecond to seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -121,5 +154,9 @@ fn describe() {
         SYNC_LATENCY,
         Unit::Seconds,
         "Order change committed to sync delivered"
+    );
+    describe_gauge!(
+        NODE_INFO,
+        "Always 1; labels name this node (NODE_ID) and its version"
     );
 }

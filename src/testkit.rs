@@ -125,6 +125,22 @@ impl NodeProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Waits up to `within` for the process to exit by itself (after a
+    /// signal the test sent it): its exit status, or `None` while it runs.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.as_mut()?.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILL, no drain.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
