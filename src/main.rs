@@ -115,6 +115,7 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry();
+    raise_open_file_limit();
     let mut config = Config::from_settings(args.settings)?;
     config.migrate = !args.no_migrate;
     let dev = matches!(
@@ -159,6 +160,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 enum Signal {
     Term,
     Int,
+}
+
+/// Every socket is a file: take the hard limit as the soft one, and say so.
+fn raise_open_file_limit() {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(0);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) if now != before => {
+            tracing::info!(from = before, to = now, "raised the open-file limit")
+        }
+        Ok(now) => tracing::info!(limit = now, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, limit = before, "could not raise the open-file limit"),
+    }
 }
 
 async fn wait_for_signal() -> Signal {
