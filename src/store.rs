@@ -465,18 +465,13 @@ pub async fn end_offer(
     offer_id: i64,
     status: &str,
 ) -> Result<Option<Offer>, StoreError> {
-    let n = offer::Entity::update_many()
-        .col_expr(offer::Column::Status, Expr::value(status))
-        .col_expr(offer::Column::EndedAt, Expr::value(Utc::now()))
-        .filter(offer::Column::Id.eq(offer_id))
-        .filter(offer::Column::Status.eq("open"))
-        .exec(db)
-        .await?
-        .rows_affected;
-    if n == 0 {
-        return Ok(None);
-    }
-    Ok(offer::Entity::find_by_id(offer_id).one(db).await?)
+    // One round trip: the conditional UPDATE returns the row it changed.
+    let st = stmt(
+        db,
+        "UPDATE offers SET status = ?, ended_at = ? WHERE id = ? AND status = 'open' RETURNING *",
+        vec![status.into(), Utc::now().into(), offer_id.into()],
+    );
+    Ok(offer::Entity::find().from_raw_sql(st).one(db).await?)
 }
 
 pub async fn get_offer(db: &DatabaseConnection, id: i64) -> Result<Option<Offer>, StoreError> {

@@ -144,17 +144,20 @@ async fn make_offer(app: &App, order: &Order, offer: &Offer) -> Result<(), ApiEr
     .await
 }
 
-/// `order_timeout` to the driver whose offer ended.
+/// `order_timeout` to the driver whose offer ended, then the deadline is
+/// dropped (after the message: the driver hears first).
 pub async fn offer_ended(app: &App, offer: &Offer, message: &str) -> Result<(), ApiError> {
+    let sent = app
+        .publish(Event::new(
+            vec![room::driver(offer.driver_id)],
+            EventKind::OfferEnded {
+                order_id: offer.order_id,
+                message: message.to_string(),
+            },
+        ))
+        .await;
     let _ = app.offers.cancel(offer.id).await;
-    app.publish(Event::new(
-        vec![room::driver(offer.driver_id)],
-        EventKind::OfferEnded {
-            order_id: offer.order_id,
-            message: message.to_string(),
-        },
-    ))
-    .await
+    sent
 }
 
 /// Expires an offer if it is still open: `order_timeout` to its driver,
@@ -317,7 +320,12 @@ pub async fn driver_location(app: &App, who: &Identity, loc: Location) -> Result
 /// seconds also sweep the database for open offers past their deadline
 /// (a deadline Redis lost, or one scheduled while Redis was down).
 pub async fn run_clock(app: Arc<App>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    // Up to 64 expiries in flight; the loop claims only what it can start
+    // at once, and never waits for a batch (a slow re-dispatch must not
+    // delay the next deadline).
+    const IN_FLIGHT: usize = 64;
+    let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep = Instant::now();
     loop {
@@ -325,32 +333,37 @@ pub async fn run_clock(app: Arc<App>) {
             _ = tick.tick() => {}
             _ = app.stop.cancelled() => return,
         }
-        let now_ms = Utc::now().timestamp_millis();
-        // A small batch, expired concurrently, so a batch finishes well
-        // within the lease even when many deadlines fall together.
-        match app.offers.claim_due(now_ms, 64).await {
-            Ok(ids) => {
-                if app.config.fault_hang_after_claim && !ids.is_empty() {
-                    tracing::error!(offers = ?ids, "fault injection: hanging after claim");
-                    std::future::pending::<()>().await;
-                }
-                let mut set = tokio::task::JoinSet::new();
-                for id in ids {
-                    let app = app.clone();
-                    set.spawn(async move {
-                        match expire(&app, id).await {
-                            Ok(_) => {
-                                let _ = app.offers.done(id).await;
+        let free = permits.available_permits();
+        if free > 0 {
+            let now_ms = Utc::now().timestamp_millis();
+            match app.offers.claim_due(now_ms, free).await {
+                Ok(ids) => {
+                    if app.config.fault_hang_after_claim && !ids.is_empty() {
+                        tracing::error!(offers = ?ids, "fault injection: hanging after claim");
+                        std::future::pending::<()>().await;
+                    }
+                    for id in ids {
+                        let Ok(permit) = permits.clone().try_acquire_owned() else {
+                            break; // cannot happen: we claimed at most `free`
+                        };
+                        let app = app.clone();
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            match expire(&app, id).await {
+                                Ok(_) => {
+                                    let _ = app.offers.done(id).await;
+                                }
+                                // Not marked done: the lease runs out and
+                                // some node retries it.
+                                Err(e) => {
+                                    tracing::warn!(offer = id, error = %e, "offer expiry failed")
+                                }
                             }
-                            // Not marked done: the lease runs out and some
-                            // node retries it.
-                            Err(e) => tracing::warn!(offer = id, error = %e, "offer expiry failed"),
-                        }
-                    });
+                        });
+                    }
                 }
-                while set.join_next().await.is_some() {}
+                Err(e) => tracing::debug!(error = %e, "claiming due offers failed"),
             }
-            Err(e) => tracing::debug!(error = %e, "claiming due offers failed"),
         }
         if last_sweep.elapsed() >= Duration::from_secs(5) {
             last_sweep = Instant::now();
