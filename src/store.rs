@@ -765,3 +765,56 @@ pub async fn count_sync_jobs(db: &DatabaseConnection, status: &str) -> Result<u6
         .count(db)
         .await?)
 }
+
+/// A shared multiplexed Redis connection for hot paths (positions, offer
+/// deadlines): each call clones it (no pool checkout, no recycle PING per
+/// command — CRATES.md measured that as a full extra round trip) and
+/// concurrent commands pipeline on it. After an error it is dropped and the
+/// next call takes a fresh one from the pool.
+pub struct HotConn {
+    pool: deadpool_redis::Pool,
+    current: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl HotConn {
+    pub fn new(pool: deadpool_redis::Pool) -> HotConn {
+        HotConn {
+            pool,
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn get(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        if let Some(c) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Ok(c);
+        }
+        let obj = self.pool.get().await.map_err(|e| e.to_string())?;
+        let c = (*obj).clone();
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forget the connection after an error.
+    pub fn broken(&self) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Runs `f` on the connection and drops the connection if it failed.
+    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, String>
+    where
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let c = self.get().await?;
+        let r = f(c).await;
+        if r.is_err() {
+            self.broken();
+        }
+        r
+    }
+}

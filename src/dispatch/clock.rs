@@ -136,7 +136,7 @@ return redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
 "#;
 
 pub struct RedisClock {
-    pool: deadpool_redis::Pool,
+    hot: crate::store::HotConn,
     due: String,
     lease_key: String,
     lease: Duration,
@@ -147,7 +147,7 @@ pub struct RedisClock {
 impl RedisClock {
     pub fn new(pool: deadpool_redis::Pool, prefix: &str, lease: Duration) -> RedisClock {
         RedisClock {
-            pool,
+            hot: crate::store::HotConn::new(pool),
             due: format!("{prefix}offers:due"),
             lease_key: format!("{prefix}offers:lease"),
             lease,
@@ -156,8 +156,14 @@ impl RedisClock {
         }
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, ClockError> {
-        self.pool.get().await.map_err(|e| ClockError(e.to_string()))
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, ClockError> {
+        self.hot.get().await.map_err(ClockError)
+    }
+
+    /// A failed command drops the shared connection (the next takes a fresh one).
+    fn fail(&self, e: String) -> ClockError {
+        self.hot.broken();
+        ClockError(e)
     }
 }
 
@@ -173,7 +179,7 @@ impl OfferClock for RedisClock {
                 .exec_async(&mut c),
         )
         .await
-        .map_err(ClockError)
+        .map_err(|e| self.fail(e))
     }
 
     async fn seed(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
@@ -186,7 +192,7 @@ impl OfferClock for RedisClock {
         timed("offer_seed", inv.invoke_async::<i64>(&mut c))
             .await
             .map(|_| ())
-            .map_err(ClockError)
+            .map_err(|e| self.fail(e))
     }
 
     async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
@@ -196,7 +202,7 @@ impl OfferClock for RedisClock {
         p.cmd("ZREM").arg(&self.lease_key).arg(offer_id).ignore();
         timed("offer_cancel", p.exec_async(&mut c))
             .await
-            .map_err(ClockError)
+            .map_err(|e| self.fail(e))
     }
 
     async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Vec<i64>, ClockError> {
@@ -209,7 +215,7 @@ impl OfferClock for RedisClock {
             .arg(max);
         timed("offer_claim", inv.invoke_async(&mut c))
             .await
-            .map_err(ClockError)
+            .map_err(|e| self.fail(e))
     }
 
     async fn done(&self, offer_id: i64) -> Result<(), ClockError> {
@@ -222,7 +228,7 @@ impl OfferClock for RedisClock {
                 .exec_async(&mut c),
         )
         .await
-        .map_err(ClockError)
+        .map_err(|e| self.fail(e))
     }
 }
 

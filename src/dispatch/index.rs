@@ -181,7 +181,7 @@ end
 "#;
 
 pub struct RedisIndex {
-    pool: deadpool_redis::Pool,
+    hot: crate::store::HotConn,
     geo: String,
     seen: String,
     off: String,
@@ -195,7 +195,7 @@ fn now_ms() -> i64 {
 impl RedisIndex {
     pub fn new(pool: deadpool_redis::Pool, prefix: &str) -> RedisIndex {
         RedisIndex {
-            pool,
+            hot: crate::store::HotConn::new(pool),
             geo: format!("{prefix}drivers:geo"),
             seen: format!("{prefix}drivers:seen"),
             off: format!("{prefix}drivers:off"),
@@ -203,8 +203,14 @@ impl RedisIndex {
         }
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, IndexError> {
-        self.pool.get().await.map_err(|e| IndexError(e.to_string()))
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, IndexError> {
+        self.hot.get().await.map_err(IndexError)
+    }
+
+    /// A failed command drops the shared connection (the next takes a fresh one).
+    fn fail(&self, e: String) -> IndexError {
+        self.hot.broken();
+        IndexError(e)
     }
 }
 
@@ -244,7 +250,7 @@ impl DriverIndex for RedisIndex {
             .ignore();
         timed("geo_put", p.exec_async(&mut c))
             .await
-            .map_err(IndexError)
+            .map_err(|e| self.fail(e))
     }
 
     async fn set_available(&self, driver_id: i64, available: bool) -> Result<(), IndexError> {
@@ -258,7 +264,7 @@ impl DriverIndex for RedisIndex {
                 .exec_async(&mut c),
         )
         .await
-        .map_err(IndexError)
+        .map_err(|e| self.fail(e))
     }
 
     async fn nearest(
@@ -287,7 +293,7 @@ impl DriverIndex for RedisIndex {
         let rows: Vec<(i64, String, String, String)> =
             timed("geo_nearest", inv.invoke_async(&mut c))
                 .await
-                .map_err(IndexError)?;
+                .map_err(|e| self.fail(e))?;
         rows.into_iter()
             .map(|(id, dist, lon, lat)| {
                 let f = |s: &str| {
@@ -314,7 +320,7 @@ impl DriverIndex for RedisIndex {
                 .query_async(&mut c),
         )
         .await
-        .map_err(IndexError)?;
+        .map_err(|e| self.fail(e))?;
         Ok(pos
             .into_iter()
             .next()
