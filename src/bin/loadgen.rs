@@ -729,6 +729,10 @@ impl HttpConn {
     }
 
     async fn post(&mut self, path: &str, key: &str, body: String) -> anyhow::Result<u16> {
+        // A kept-alive connection the server closed is replaced, once.
+        if self.sender.ready().await.is_err() {
+            *self = HttpConn::open(self.addr).await?;
+        }
         let req = hyper::Request::post(path)
             .header("host", self.addr.to_string())
             .header("content-type", "application/json")
@@ -854,7 +858,12 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         let c = &mut conns[seq as usize % nodes.len()];
         match c.post("/api/publish", API_KEY, body).await {
             Ok(204) => accepted[seq as usize] = true,
-            _ => refused += 1,
+            other => {
+                if refused < 3 {
+                    eprintln!("publish {seq} not accepted: {other:?}");
+                }
+                refused += 1;
+            }
         }
     }
     let publish_secs = started.elapsed().as_secs_f64();
