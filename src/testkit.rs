@@ -76,6 +76,15 @@ impl RedisServer {
             let _ = c.wait();
         }
     }
+
+    /// A plain redis client connection, for assertions.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
 }
 
 impl Drop for RedisServer {
