@@ -39,8 +39,9 @@ test('receives publishes in each dialect with typed callbacks', async (t) => {
   const events = new SwitchboardClient(node.ws('/ws'), { token: admin() }).connect();
   const rooms = new SwitchboardClient(node.ws('/'), { token: admin() }).connect();
   t.after(() => { events.close(); rooms.close(); });
-  await next(events, 'CONNECTED');
-  await next(rooms, 'connected');
+  // Listen on both before awaiting either: the second may arrive first.
+  const ready = [next(events, 'CONNECTED'), next(rooms, 'connected')];
+  await Promise.all(ready);
   const a = next(events, 'hello');
   const b = next(rooms, 'hello');
   await node.publish('admin-orders', 'hello', { n: 1 });
@@ -91,8 +92,10 @@ test('survives a node restart and keeps receiving', async (t) => {
   await node.stop(); // drain: the socket is closed 1012
   const [code] = await closed;
   assert.equal(code, 1012);
+  // Listen before restarting: the client may reconnect while spawn() waits.
+  const reconnected = next(c, 'CONNECTED', 20000);
   await node.spawn(); // same port, same database
-  await next(c, 'CONNECTED', 15000);
+  await reconnected;
   assert.ok(c.attempt === 0, 'attempts reset after a successful reconnect');
   const got = next(c, 'after-restart');
   await node.publish('admin-orders', 'after-restart', { ok: true });
