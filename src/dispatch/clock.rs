@@ -34,12 +34,12 @@ pub trait OfferClock: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ClockError>> + Send;
     fn cancel(&self, offer_id: i64) -> impl Future<Output = Result<(), ClockError>> + Send;
     /// Claims at most `max` offers due at `now_ms` (and, in Redis, offers
-    /// whose claim lease ran out).
+    /// whose claim lease ran out), and tells when the next one falls due.
     fn claim_due(
         &self,
         now_ms: i64,
         max: usize,
-    ) -> impl Future<Output = Result<Vec<i64>, ClockError>> + Send;
+    ) -> impl Future<Output = Result<Claimed, ClockError>> + Send;
     /// The claimed offer was handled.
     fn done(&self, offer_id: i64) -> impl Future<Output = Result<(), ClockError>> + Send;
 }
@@ -49,6 +49,14 @@ pub trait OfferClock: Send + Sync + 'static {
 struct Deadlines {
     by_time: BTreeSet<(i64, i64)>,
     by_offer: HashMap<i64, i64>,
+}
+
+/// What a claim took, and the earliest deadline or lease expiry still
+/// pending after it (unix ms), so the caller can sleep until then.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Claimed {
+    pub ids: Vec<i64>,
+    pub next_ms: Option<i64>,
 }
 
 #[derive(Default)]
@@ -84,7 +92,7 @@ impl OfferClock for MemoryClock {
         Ok(())
     }
 
-    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Vec<i64>, ClockError> {
+    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Claimed, ClockError> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         while out.len() < max {
@@ -98,7 +106,10 @@ impl OfferClock for MemoryClock {
             g.by_offer.remove(&id);
             out.push(id);
         }
-        Ok(out)
+        Ok(Claimed {
+            ids: out,
+            next_ms: g.by_time.first().map(|(deadline, _)| *deadline),
+        })
     }
 
     async fn done(&self, _offer_id: i64) -> Result<(), ClockError> {
@@ -124,6 +135,13 @@ if #out < max then
     out[#out + 1] = id
   end
 end
+-- The earliest pending deadline or lease expiry goes first (-1: none).
+local nxt = -1
+local d = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if d[2] then nxt = tonumber(d[2]) end
+local l = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if l[2] and (nxt < 0 or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
+table.insert(out, 1, nxt)
 return out
 "#;
 
@@ -205,7 +223,7 @@ impl OfferClock for RedisClock {
             .map_err(|e| self.fail(e))
     }
 
-    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Vec<i64>, ClockError> {
+    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Claimed, ClockError> {
         let mut c = self.conn().await?;
         let mut inv = self.claim.prepare_invoke();
         inv.key(&self.due)
@@ -213,9 +231,14 @@ impl OfferClock for RedisClock {
             .arg(now_ms)
             .arg(now_ms + self.lease.as_millis() as i64)
             .arg(max);
-        timed("offer_claim", inv.invoke_async(&mut c))
+        let mut v: Vec<i64> = timed("offer_claim", inv.invoke_async(&mut c))
             .await
-            .map_err(|e| self.fail(e))
+            .map_err(|e| self.fail(e))?;
+        let next = if v.is_empty() { -1 } else { v.remove(0) };
+        Ok(Claimed {
+            ids: v,
+            next_ms: (next >= 0).then_some(next),
+        })
     }
 
     async fn done(&self, offer_id: i64) -> Result<(), ClockError> {
@@ -256,7 +279,7 @@ impl OfferClock for AnyClock {
             AnyClock::Redis(c) => c.cancel(offer_id).await,
         }
     }
-    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Vec<i64>, ClockError> {
+    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Claimed, ClockError> {
         match self {
             AnyClock::Memory(c) => c.claim_due(now_ms, max).await,
             AnyClock::Redis(c) => c.claim_due(now_ms, max).await,
@@ -281,14 +304,20 @@ mod tests {
         c.schedule(2, 200).await.unwrap();
         c.schedule(3, 50).await.unwrap();
         c.cancel(3).await.unwrap();
-        assert_eq!(c.claim_due(150, 10).await.unwrap(), vec![1]);
-        assert!(c.claim_due(150, 10).await.unwrap().is_empty());
+        assert_eq!(
+            c.claim_due(150, 10).await.unwrap(),
+            Claimed {
+                ids: vec![1],
+                next_ms: Some(200)
+            }
+        );
+        assert!(c.claim_due(150, 10).await.unwrap().ids.is_empty());
         c.schedule(2, 120).await.unwrap();
-        assert_eq!(c.claim_due(150, 10).await.unwrap(), vec![2]);
+        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![2]);
         // A re-seed does not move a deadline that is still scheduled.
         c.schedule(4, 300).await.unwrap();
         c.seed(4, 100).await.unwrap();
         c.seed(5, 140).await.unwrap();
-        assert_eq!(c.claim_due(150, 10).await.unwrap(), vec![5]);
+        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![5]);
     }
 }

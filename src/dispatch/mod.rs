@@ -325,24 +325,27 @@ pub async fn run_clock(app: Arc<App>) {
     // delay the next deadline).
     const IN_FLIGHT: usize = 64;
     let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = BUSY_TICK;
     let mut last_sweep = Instant::now();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = app.stop.cancelled() => return,
         }
         let free = permits.available_permits();
+        wait = BUSY_TICK;
         if free > 0 {
             let now_ms = Utc::now().timestamp_millis();
             match app.offers.claim_due(now_ms, free).await {
-                Ok(ids) => {
-                    if app.config.fault_hang_after_claim && !ids.is_empty() {
-                        tracing::error!(offers = ?ids, "fault injection: hanging after claim");
+                Ok(claimed) => {
+                    if app.config.fault_hang_after_claim && !claimed.ids.is_empty() {
+                        tracing::error!(offers = ?claimed.ids, "fault injection: hanging after claim");
                         std::future::pending::<()>().await;
                     }
-                    for id in ids {
+                    if claimed.ids.is_empty() {
+                        wait = idle_wait(claimed.next_ms, now_ms);
+                    }
+                    for id in claimed.ids {
                         let Ok(permit) = permits.clone().try_acquire_owned() else {
                             break; // cannot happen: we claimed at most `free`
                         };
@@ -362,7 +365,10 @@ pub async fn run_clock(app: Arc<App>) {
                         });
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "claiming due offers failed"),
+                Err(e) => {
+                    wait = IDLE_TICK;
+                    tracing::debug!(error = %e, "claiming due offers failed");
+                }
             }
         }
         if last_sweep.elapsed() >= Duration::from_secs(5) {
@@ -371,6 +377,23 @@ pub async fn run_clock(app: Arc<App>) {
                 tracing::debug!(error = %e, "offer sweep failed");
             }
         }
+    }
+}
+
+/// While deadlines are being expired the clock polls every 20 ms.
+const BUSY_TICK: Duration = Duration::from_millis(20);
+/// An idle clock sleeps until the next deadline or lease expiry, at most
+/// this long. A deadline scheduled meanwhile is at least OFFER_TIMEOUT
+/// ahead, so it cannot fall before the wake-up unless that timeout is
+/// shorter than this.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+
+fn idle_wait(next_ms: Option<i64>, now_ms: i64) -> Duration {
+    match next_ms {
+        Some(t) => {
+            Duration::from_millis((t - now_ms).clamp(5, IDLE_TICK.as_millis() as i64) as u64)
+        }
+        None => IDLE_TICK,
     }
 }
 
