@@ -148,8 +148,20 @@ impl Session {
     /// message goes out, so a client that saw `connected` misses nothing),
     /// then sends the dialect's connect messages.
     async fn start(&mut self) {
-        for room in self.identity.auto_rooms() {
-            self.join(room, false).await;
+        // All rooms at once: with Redis down, a connect waits one join
+        // timeout, not one per room.
+        let rooms = self.identity.auto_rooms();
+        let joins = rooms.iter().map(|room| self.app.join(&self.outbox, room));
+        let results = futures_util::future::join_all(joins).await;
+        for (room, result) in rooms.into_iter().zip(results) {
+            if let Err(e) = result {
+                // The membership stays: re-subscribed when Redis is back.
+                self.error(
+                    "broker_unavailable",
+                    &format!("room {room} is not live yet: {e}"),
+                );
+            }
+            self.rooms.push(room);
         }
         self.reply(&Reply::Connected {
             user_id: self.identity.user_id,
