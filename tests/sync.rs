@@ -39,7 +39,6 @@ struct External {
     received: Arc<Mutex<Vec<Received>>>,
     in_flight: Arc<Mutex<HashMap<String, usize>>>,
     max_in_flight_same_key: Arc<AtomicUsize>,
-    delay: Duration,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -126,7 +125,6 @@ impl External {
             received,
             in_flight,
             max_in_flight_same_key: max_same,
-            delay,
             task,
         }
     }
@@ -387,7 +385,6 @@ async fn two_workers_never_overlap(db: TestDb) {
     let keys: std::collections::HashSet<_> = got.iter().map(|r| r.key.clone()).collect();
     assert_eq!(keys.len(), 40);
     assert!(ext.in_flight.lock().unwrap().values().all(|n| *n == 0));
-    assert!(ext.delay > Duration::ZERO);
 }
 
 async fn no_sync_url_no_jobs(db: TestDb) {

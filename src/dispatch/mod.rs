@@ -40,6 +40,19 @@ impl From<clock::ClockError> for ApiError {
     }
 }
 
+/// When an offer made now expires.
+fn offer_deadline(app: &App) -> chrono::DateTime<Utc> {
+    Utc::now()
+        + chrono::Duration::from_std(app.config.offer_timeout).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Distance from a driver's position to the order's pickup point, when both are known.
+fn pickup_distance(order: &Order, driver: Option<(f64, f64)>) -> Option<f64> {
+    let (lat, lon) = pickup(order)?;
+    let (dlat, dlon) = driver?;
+    Some(index::haversine_km(lat, lon, dlat, dlon))
+}
+
 fn deadline_ms(o: &Offer) -> i64 {
     o.expires_at.timestamp_millis()
 }
@@ -90,8 +103,7 @@ pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiErro
     let ids: Vec<i64> = candidates.iter().map(|c| c.driver_id).collect();
     let busy = store::unavailable_drivers(&app.db, &ids).await?;
     for c in candidates.iter().filter(|c| !busy.contains(&c.driver_id)) {
-        let expires = Utc::now()
-            + chrono::Duration::from_std(app.config.offer_timeout).unwrap_or(chrono::Duration::MAX);
+        let expires = offer_deadline(app);
         match store::create_offer(
             &app.db,
             order_id,
@@ -201,12 +213,8 @@ pub async fn assign(app: &App, order: &Order, driver_id: i64) -> Result<Offer, A
         )));
     }
     cancel_offers(app, order.id, EXPIRED_MESSAGE).await?;
-    let distance = match (pickup(order), app.drivers.position(driver_id).await?) {
-        (Some((la, lo)), Some((dla, dlo))) => index::haversine_km(la, lo, dla, dlo),
-        _ => 0.0,
-    };
-    let expires = Utc::now()
-        + chrono::Duration::from_std(app.config.offer_timeout).unwrap_or(chrono::Duration::MAX);
+    let distance = pickup_distance(order, app.drivers.position(driver_id).await?).unwrap_or(0.0);
+    let expires = offer_deadline(app);
     let offer = store::create_offer(&app.db, order.id, driver_id, distance, expires, &ASSIGNABLE)
         .await?
         .ok_or_else(|| {
@@ -230,10 +238,7 @@ pub async fn open_offers(app: &App, who: &Identity) -> Result<Vec<Value>, ApiErr
         let Some(order) = store::get_order(&app.db, offer.order_id).await? else {
             continue;
         };
-        let distance = match (pickup(&order), pos) {
-            (Some((la, lo)), Some((dla, dlo))) => index::haversine_km(la, lo, dla, dlo),
-            _ => offer.distance_km,
-        };
+        let distance = pickup_distance(&order, pos).unwrap_or(offer.distance_km);
         let mut v = offer_json(&order, distance);
         v["offer_expires_at"] = Value::String(orders::iso(&offer.expires_at));
         out.push(v);

@@ -171,8 +171,8 @@ pub async fn create(app: &App, new: NewOrder) -> Result<Order, ApiError> {
 }
 
 /// Applies a PATCH: status along the lifecycle, `scheduled_at`, and
-/// `driver_id` (which makes an offer to that driver). Retries a few times
-/// when another writer moved the order first.
+/// `driver_id` (which makes an offer to that driver; the order row itself
+/// does not change until the driver accepts).
 pub async fn update(
     app: &App,
     id: i64,
@@ -181,17 +181,31 @@ pub async fn update(
     driver_id: Option<i64>,
     who: &Identity,
 ) -> Result<Order, ApiError> {
+    let order = apply_fields(app, id, status, scheduled_at, who).await?;
+    if let Some(d) = driver_id {
+        dispatch::assign(app, &order, d).await?;
+    }
+    Ok(order)
+}
+
+/// Status and `scheduled_at`, with their events; retries a few times when
+/// another writer moved the order first. Nothing to change: the order as is.
+async fn apply_fields(
+    app: &App,
+    id: i64,
+    status: Option<String>,
+    scheduled_at: Option<Option<DateTime<Utc>>>,
+    who: &Identity,
+) -> Result<Order, ApiError> {
     for _ in 0..5 {
         let current = store::get_order(&app.db, id)
             .await?
             .filter(|o| visible(who, o, false))
             .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;
-        if let Some(s) = &status {
-            check_transition(&current.status, s)?;
-        }
         let mut changes = OrderChanges::default();
         let mut changed = Vec::new();
         if let Some(s) = &status {
+            check_transition(&current.status, s)?;
             changes.status = Some(s.clone());
             changed.push("status".to_string());
         }
@@ -202,12 +216,6 @@ pub async fn update(
             changed.push("scheduled_at".to_string());
         }
         if changed.is_empty() {
-            if let Some(d) = driver_id {
-                dispatch::assign(app, &current, d).await?;
-                return store::get_order(&app.db, id)
-                    .await?
-                    .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")));
-            }
             return Ok(current);
         }
         let Some((order, credit)) =
@@ -222,9 +230,6 @@ pub async fn update(
         }
         if order.status == "cancelled" {
             dispatch::cancel_offers(app, order.id, "Order cancelled").await?;
-        }
-        if let Some(d) = driver_id {
-            dispatch::assign(app, &order, d).await?;
         }
         return Ok(order);
     }
