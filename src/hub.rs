@@ -5,18 +5,21 @@
 //! local members.
 //!
 //! Concurrency: rooms live in `SHARDS` maps, each behind a `std::sync::RwLock`
-//! (never held across an `.await`). Fan-out takes one shard's read lock and
-//! `try_send`s into each member's bounded queue, so it never waits on a
+//! (never held across an `.await`). Fan-out takes one shard's read lock just
+//! long enough to copy the room's member list, then writes to each member
+//! with a non-blocking write ([`Outbox::push`]), so it never waits on a
 //! socket. A writer (join/leave) only ever holds one shard lock, and fan-out
 //! releases a shard before it takes another, so shards cannot deadlock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use bytes::Bytes;
-use tokio::sync::mpsc;
+use bytes::{Buf, Bytes};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Event, room};
@@ -31,6 +34,8 @@ const SHARDS: usize = 16;
 /// Close codes the server uses; one catalogue (ARCHITECTURE.md repeats it).
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
+    /// The client sent something that is not a valid WebSocket frame.
+    pub const PROTOCOL_ERROR: u16 = 1002;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// Drain: the node is restarting, reconnect elsewhere.
     pub const SERVICE_RESTART: u16 = 1012;
@@ -67,49 +72,218 @@ impl Closer {
     }
 }
 
-/// The sending side of one socket: a bounded queue of encoded frames.
+/// The sending side of one socket.
+///
+/// Whoever has a frame for the socket writes it **directly** from its own
+/// thread (the fan-out loop, the socket's task) with a non-blocking write,
+/// under this socket's lock, when nothing is queued ahead of it: a delivery
+/// is one syscall, with no task wake-up and no channel hop. Only what the
+/// kernel does not take at once (a full send buffer) is queued; the socket's
+/// task flushes that backlog when the socket is writable, in order, with
+/// vectored writes. A backlog longer than `SEND_QUEUE_LEN` frames closes the
+/// socket as a slow consumer. Every write happens under the lock, so frames
+/// never interleave.
 pub struct Outbox {
     pub id: ConnId,
     pub dialect: Dialect,
-    tx: mpsc::Sender<Bytes>,
     pub closer: Closer,
+    /// `None` only in unit tests: frames then just queue.
+    wire: Option<TcpStream>,
+    out: Mutex<Out>,
+    /// Tells the socket's task that a backlog appeared.
+    backlog: Notify,
+    cap: usize,
 }
+
+#[derive(Default)]
+struct Out {
+    queue: VecDeque<Bytes>,
+    /// The queue's first frame is partly written: it must be finished
+    /// before anything else goes out.
+    partial: bool,
+    /// The close frame is queued: nothing more is accepted.
+    sealed: bool,
+}
+
+enum Queued {
+    Refused,
+    /// The socket had nothing queued: it needs a flush after the batch.
+    First,
+    /// Behind other frames, which someone is already flushing.
+    Behind,
+}
+
+/// How many frames one vectored write takes at most.
+const IOV: usize = 64;
 
 impl Outbox {
     pub fn new(
         id: ConnId,
         dialect: Dialect,
         queue_len: usize,
-    ) -> (Arc<Outbox>, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(queue_len);
-        (
-            Arc::new(Outbox {
-                id,
-                dialect,
-                tx,
-                closer: Closer::default(),
-            }),
-            rx,
-        )
+        wire: Option<TcpStream>,
+    ) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            id,
+            dialect,
+            closer: Closer::default(),
+            wire,
+            out: Mutex::new(Out::default()),
+            backlog: Notify::new(),
+            cap: queue_len.max(1),
+        })
     }
 
-    /// Queues a frame without waiting. A full queue closes the socket as a
-    /// slow consumer: it must not hold up anyone else. Returns whether the
-    /// frame was queued.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Out> {
+        // Poisoning cannot happen: nothing panics while holding this lock.
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stream(&self) -> Option<&TcpStream> {
+        self.wire.as_ref()
+    }
+
+    /// Sends a frame without waiting: written now when nothing is queued
+    /// ahead, else queued for the socket's task. A backlog over the limit
+    /// closes the socket as a slow consumer: it must not hold up anyone
+    /// else. Returns whether the frame was accepted.
     pub fn push(&self, frame: Bytes) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.closer.token().is_cancelled() {
-                    metrics::counter!(m::SLOW_CONSUMERS, "dialect" => self.dialect.as_str())
-                        .increment(1);
-                }
-                self.closer
-                    .close(close_code::SLOW_CONSUMER, "slow consumer");
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let mut out = self.lock();
+        if out.sealed || self.closer.token().is_cancelled() {
+            return false;
         }
+        if out.queue.is_empty() {
+            if let Some(wire) = &self.wire {
+                match wire.try_write(&frame) {
+                    Ok(n) if n == frame.len() => return true,
+                    Ok(n) => {
+                        out.partial = n > 0;
+                        out.queue.push_back(frame.slice(n..));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.queue.push_back(frame),
+                    Err(_) => {
+                        drop(out);
+                        self.closer.close(close_code::NORMAL, "");
+                        return false;
+                    }
+                }
+            } else {
+                out.queue.push_back(frame);
+            }
+        } else if out.queue.len() >= self.cap {
+            drop(out);
+            self.slow_consumer();
+            return false;
+        } else {
+            out.queue.push_back(frame);
+        }
+        drop(out);
+        self.backlog.notify_one();
+        true
+    }
+
+    /// Queues a frame without writing it: a batch is being delivered, and
+    /// [`Outbox::flush_batch`] then sends this socket its share of the whole
+    /// batch in one write.
+    fn queue(&self, frame: Bytes) -> Queued {
+        let mut out = self.lock();
+        if out.sealed || self.closer.token().is_cancelled() {
+            return Queued::Refused;
+        }
+        if out.queue.len() >= self.cap {
+            drop(out);
+            self.slow_consumer();
+            return Queued::Refused;
+        }
+        let first = out.queue.is_empty();
+        out.queue.push_back(frame);
+        if first { Queued::First } else { Queued::Behind }
+    }
+
+    /// Writes what a batch queued; a rest the kernel did not take is left
+    /// to the socket's task.
+    fn flush_batch(&self) {
+        match self.flush() {
+            Ok(true) => {}
+            Ok(false) => self.backlog.notify_one(),
+            Err(_) => self.closer.close(close_code::NORMAL, ""),
+        }
+    }
+
+    fn slow_consumer(&self) {
+        if !self.closer.token().is_cancelled() {
+            metrics::counter!(m::SLOW_CONSUMERS, "dialect" => self.dialect.as_str()).increment(1);
+        }
+        self.closer
+            .close(close_code::SLOW_CONSUMER, "slow consumer");
+    }
+
+    pub fn has_backlog(&self) -> bool {
+        !self.lock().queue.is_empty()
+    }
+
+    /// Resolves when a backlog may have appeared (the socket's task then
+    /// waits for the socket to be writable and calls [`Outbox::flush`]).
+    pub async fn backlog_appeared(&self) {
+        self.backlog.notified().await
+    }
+
+    /// Writes as much of the backlog as the socket takes now, in vectored
+    /// writes. `Ok(true)` when nothing is left.
+    pub fn flush(&self) -> io::Result<bool> {
+        let mut out = self.lock();
+        let Some(wire) = &self.wire else {
+            return Ok(out.queue.is_empty());
+        };
+        while !out.queue.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV];
+            let k = out.queue.len().min(IOV);
+            for (slot, frame) in iov.iter_mut().zip(out.queue.iter()) {
+                *slot = IoSlice::new(frame);
+            }
+            let mut n = match wire.try_write_vectored(&iov[..k]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            while n > 0 {
+                let first = out.queue.front_mut().expect("wrote more than was queued");
+                if n >= first.len() {
+                    n -= first.len();
+                    out.queue.pop_front();
+                    out.partial = false;
+                } else {
+                    first.advance(n);
+                    out.partial = true;
+                    n = 0;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues the close frame as the last thing this socket sends. With
+    /// `keep_queue` the backlog goes out first (drain, or an error that
+    /// explains the close); otherwise it is dropped, except a frame already
+    /// partly written, which must be finished for the close frame to parse.
+    pub fn seal(&self, close_frame: Bytes, keep_queue: bool) {
+        let mut out = self.lock();
+        if out.sealed {
+            return;
+        }
+        out.sealed = true;
+        if !keep_queue {
+            let keep = usize::from(out.partial);
+            out.queue.truncate(keep);
+        }
+        out.queue.push_back(close_frame);
+    }
+
+    /// Frames waiting in the backlog (unit tests read deliveries here).
+    #[cfg(test)]
+    fn take_queued(&self) -> Vec<Bytes> {
+        self.lock().queue.drain(..).collect()
     }
 }
 
@@ -204,11 +378,31 @@ impl Hub {
         self.frames_out.load(Ordering::Relaxed)
     }
 
-    /// Delivers `event` to the local members of `room`, skipping members of a
+    /// Delivers `event` to the local members of `room`; see
+    /// [`Hub::deliver_batch`].
+    pub fn deliver(&self, room: &str, event: &Event) {
+        self.deliver_batch([(room, event)]);
+    }
+
+    /// Delivers each event to the local members of its room, in order. Each
+    /// socket gets its share of the whole batch in one write: frames are
+    /// queued first, then every socket that got any is flushed once.
+    pub fn deliver_batch<'a>(&self, batch: impl IntoIterator<Item = (&'a str, &'a Event)>) {
+        let mut dirty = Vec::new();
+        for (room, event) in batch {
+            self.queue_event(room, event, &mut dirty);
+        }
+        for outbox in dirty {
+            outbox.flush_batch();
+        }
+    }
+
+    /// Queues `event` to the local members of `room`, skipping members of a
     /// room earlier in the event's list (they get it through that room: a
     /// multi-room publish reaches each socket once). Each dialect present
     /// renders the event once; every socket of it gets the same bytes.
-    pub fn deliver(&self, room_name: &str, event: &Event) {
+    /// Sockets that need a flush are added to `dirty`.
+    fn queue_event(&self, room_name: &str, event: &Event, dirty: &mut Vec<Arc<Outbox>>) {
         let idx = event.room_index(room_name).unwrap_or(0);
         let skip: HashSet<ConnId> = event.rooms[..idx]
             .iter()
@@ -223,7 +417,8 @@ impl Hub {
         let personal = room::is_personal(room_name);
         let mut frames: [Option<Option<Bytes>>; 3] = [None, None, None];
         let mut sent = [0u64; 3];
-        {
+        // Copied out so the shard is not locked while writing to sockets.
+        let members: Vec<Arc<Outbox>> = {
             let shard = self
                 .shard(room_name)
                 .read()
@@ -231,19 +426,23 @@ impl Hub {
             let Some(members) = shard.get(room_name) else {
                 return;
             };
-            for member in members.values() {
-                if skip.contains(&member.id) {
-                    continue;
-                }
-                let d = member.dialect.index();
-                let bytes = frames[d]
-                    .get_or_insert_with(|| member.dialect.render(event, personal).map(frame::text));
-                if let Some(b) = bytes
-                    && member.push(b.clone())
-                {
-                    sent[d] += 1;
-                }
+            members
+                .values()
+                .filter(|m| !skip.contains(&m.id))
+                .cloned()
+                .collect()
+        };
+        for member in members {
+            let d = member.dialect.index();
+            let bytes = frames[d]
+                .get_or_insert_with(|| member.dialect.render(event, personal).map(frame::text));
+            let Some(b) = bytes else { continue };
+            match member.queue(b.clone()) {
+                Queued::Refused => continue,
+                Queued::First => dirty.push(member),
+                Queued::Behind => {}
             }
+            sent[d] += 1;
         }
         self.frames_out
             .fetch_add(sent.iter().sum(), Ordering::Relaxed);
@@ -281,15 +480,14 @@ mod tests {
     #[test]
     fn multi_room_delivers_once() {
         let hub = Hub::default();
-        let (a, mut rx) = Outbox::new(1, Dialect::Rooms, 8);
+        let a = Outbox::new(1, Dialect::Rooms, 8, None);
         assert!(hub.add("r1", &a));
-        assert!(!hub.add("r1", &Outbox::new(2, Dialect::Rooms, 8).0));
+        assert!(!hub.add("r1", &Outbox::new(2, Dialect::Rooms, 8, None)));
         hub.add("r2", &a);
         let e = ev(&["r1", "r2"]);
         hub.deliver("r1", &e);
         hub.deliver("r2", &e);
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err(), "second copy delivered");
+        assert_eq!(a.take_queued().len(), 1, "second copy delivered");
         assert!(!hub.remove("r1", 1));
         assert!(hub.remove("r1", 2));
         assert!(!hub.has_room("r1"));
@@ -298,13 +496,13 @@ mod tests {
     #[test]
     fn full_queue_closes_only_that_socket() {
         let hub = Hub::default();
-        let (slow, _rx_slow) = Outbox::new(1, Dialect::Events, 1);
-        let (fast, mut rx_fast) = Outbox::new(2, Dialect::Events, 8);
+        let slow = Outbox::new(1, Dialect::Events, 1, None);
+        let fast = Outbox::new(2, Dialect::Events, 8, None);
         hub.add("r", &slow);
         hub.add("r", &fast);
         for _ in 0..3 {
             hub.deliver("r", &ev(&["r"]));
-            assert!(rx_fast.try_recv().is_ok());
+            assert_eq!(fast.take_queued().len(), 1);
         }
         assert_eq!(
             slow.closer.reason(),

@@ -52,6 +52,9 @@ impl Sink for Hub {
     fn deliver(&self, room: &str, event: &Event) {
         Hub::deliver(self, room, event)
     }
+    fn deliver_batch(&self, batch: &[(String, Event)]) {
+        Hub::deliver_batch(self, batch.iter().map(|(r, e)| (r.as_str(), e)))
+    }
     fn wants(&self, room: &str) -> bool {
         self.has_room(room)
     }

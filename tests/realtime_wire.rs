@@ -716,8 +716,106 @@ async fn a_frame_over_the_hard_cap_gets_an_error_then_close_1009() {
     }
 }
 
+#[tokio::test]
+async fn fragmented_messages_are_reassembled_and_bad_frames_closed_1002() {
+    init_tracing();
+    let db = TestDb::sqlite();
+    let node = TestNode::start(config(&db, None, "frames")).await;
+    for (dialect, path) in ENDPOINTS {
+        let (tok, r) = member(dialect);
+        let mut c = connect_ready(node.addr, path, &tok).await;
+        // `{"type":"ping"}` in three frames, a control frame in between.
+        let parts: [&[u8]; 3] = [b"{\"ty", b"pe\":\"pi", b"ng\"}"];
+        c.send_frame(Frame::new(
+            false,
+            OpCode::Text,
+            None,
+            Payload::Borrowed(parts[0]),
+        ))
+        .await;
+        c.send_frame(Frame::new(
+            true,
+            OpCode::Ping,
+            None,
+            Payload::Borrowed(b"hb"),
+        ))
+        .await;
+        c.send_frame(Frame::new(
+            false,
+            OpCode::Continuation,
+            None,
+            Payload::Borrowed(parts[1]),
+        ))
+        .await;
+        c.send_frame(Frame::new(
+            true,
+            OpCode::Continuation,
+            None,
+            Payload::Borrowed(parts[2]),
+        ))
+        .await;
+        assert_eq!(c.recv().await, json!({"type": "pong"}), "{path}");
+        // A continuation with nothing to continue is an error, not a close.
+        c.send_frame(Frame::new(
+            true,
+            OpCode::Continuation,
+            None,
+            Payload::Borrowed(b"x"),
+        ))
+        .await;
+        assert_error(dialect, &c.recv().await, "bad_message");
+        c.send_json(json!({"type": "ping"})).await;
+        assert_eq!(c.recv().await, json!({"type": "pong"}), "{path}");
+
+        // An unmasked client frame cannot be trusted to be in sync: an
+        // error in the dialect's shape, then close 1002; others unaffected.
+        let mut bystander = connect_ready(node.addr, path, &tok).await;
+        c.send_unmasked(Frame::text(Payload::Borrowed(br#"{"type":"ping"}"#)))
+            .await;
+        assert_error(dialect, &c.recv().await, "bad_frame");
+        match c.next_seen(WAIT).await {
+            Some(Seen::Close(code)) => assert_eq!(code, 1002, "{path}"),
+            other => panic!("{path}: expected close 1002, got {other:?}"),
+        }
+        node.publish(r, "after-bad-frame", json!({})).await;
+        assert_eq!(bystander.recv().await["type"], "after-bad-frame");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Slow consumers and keepalive
+
+#[tokio::test]
+async fn a_reader_that_falls_behind_gets_its_backlog_in_order() {
+    init_tracing();
+    let db = TestDb::sqlite();
+    let node = TestNode::start(config(&db, None, "backlog")).await;
+    let mut lagging = Client::connect_parked(node.addr, &format!("/?token={}", admin()), 1).await;
+    // 400 × 40 KB = 16 MB: more than loopback's socket buffers take, so
+    // most of it waits in the server's backlog (under SEND_QUEUE_LEN frames)
+    // until the client reads again.
+    let n = 400;
+    let pad = "b".repeat(40_000);
+    let mut http = HttpConn::open(node.addr).await;
+    for seq in 0..n {
+        let (s, b) = http
+            .publish_body(
+                json!({"room": "admin-orders", "type": "bulk", "data": {"seq": seq, "pad": pad}}),
+            )
+            .await;
+        assert_eq!(s, 204, "publish {seq} failed: {b}");
+    }
+    let got = lagging.read_parked(n, Duration::from_secs(20)).await;
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(v["data"]["seq"], i, "lost or reordered");
+        assert_eq!(v["data"]["pad"].as_str().map(str::len), Some(40_000));
+    }
+    assert_eq!(
+        node.app().hub.socket_count(),
+        1,
+        "closed as a slow consumer"
+    );
+}
 
 #[tokio::test]
 async fn a_slow_consumer_is_dropped_while_a_fast_one_gets_everything() {

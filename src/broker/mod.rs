@@ -26,6 +26,13 @@ pub enum BrokerError {
 pub trait Sink: Send + Sync + 'static {
     /// `event` arrived for `room` (once per room of the event).
     fn deliver(&self, room: &str, event: &Event);
+    /// Several deliveries that arrived together, in order. A sink may send
+    /// them to a socket in one write; by default they go one by one.
+    fn deliver_batch(&self, batch: &[(String, Event)]) {
+        for (room, event) in batch {
+            self.deliver(room, event);
+        }
+    }
     /// Whether this node still has a local member in `room`.
     fn wants(&self, room: &str) -> bool;
     /// Every room with a local member.

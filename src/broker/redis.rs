@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError, Sink};
 use crate::event::Event;
 use crate::metrics as m;
+
+/// Broker messages handed to the hub as one batch at most.
+const READ_BATCH: usize = 256;
 
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 512;
@@ -230,19 +233,43 @@ impl Subscriber {
                 .map_err(|e| e.to_string())?;
             subscribed.extend(wanted);
         }
-        // Reader: straight into the hub, which only try_sends.
+        // Reader: straight into the hub, which never waits on a socket.
+        // Messages that arrived while the previous batch was being fanned
+        // out are taken together (up to `READ_BATCH`): the hub then sends a
+        // socket all of them in one write. No timer: under light load a
+        // batch is one message and nothing waits.
         let sink = self.sink.clone();
         let prefix = self.channel_prefix.clone();
         let lost = self.cmd_tx.clone();
         let reader = tokio::spawn(async move {
-            while let Some(msg) = stream.next().await {
+            let decode = |msg: redis::Msg, batch: &mut Vec<(String, Event)>| {
                 metrics::counter!(m::BROKER_RECEIVED).increment(1);
                 let Some(room) = msg.get_channel_name().strip_prefix(prefix.as_str()) else {
-                    continue;
+                    return;
                 };
                 match serde_json::from_slice::<Event>(msg.get_payload_bytes()) {
-                    Ok(event) => sink.deliver(room, &event),
+                    Ok(event) => batch.push((room.to_string(), event)),
                     Err(e) => tracing::warn!(error = %e, "undecodable broker message on {room}"),
+                }
+            };
+            let mut batch = Vec::new();
+            let mut ended = false;
+            while let Some(msg) = stream.next().await {
+                decode(msg, &mut batch);
+                while batch.len() < READ_BATCH {
+                    match stream.next().now_or_never() {
+                        Some(Some(msg)) => decode(msg, &mut batch),
+                        Some(None) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                sink.deliver_batch(&batch);
+                batch.clear();
+                if ended {
+                    break;
                 }
             }
             let _ = lost.send(SubCmd::Lost(generation));

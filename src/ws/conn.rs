@@ -1,38 +1,33 @@
-//! One socket's life: authenticate, join its rooms, then two loops.
+//! One socket's life: authenticate, join its rooms, then **one task** that
+//! reads frames, flushes the send backlog, pings, and closes.
 //!
-//! - The **reader** (this task) turns inbound frames into commands. It never
-//!   writes: replies (pong, acks, errors) are encoded and queued to the
-//!   socket's [`Outbox`]. fastwebsockets' `read_frame` is not cancel-safe, so
-//!   it sits in a `select!` only beside the socket's close token, which fires
-//!   when the socket is being torn down anyway.
-//! - The **writer** (a second task) owns the write half. It drains the outbox
-//!   into one vectored write per batch, sends server pings, and on close
-//!   (slow consumer, ping timeout, drain, client close) writes the close frame.
-//!
-//! Outbound frames are written with our own encoder ([`super::frame`]) so one
-//! encoded `Bytes` can go to many sockets; fastwebsockets reads.
+//! - Sending: anyone with a frame for this socket calls [`Outbox::push`],
+//!   which writes it directly when nothing is queued (see `hub`). The task
+//!   only flushes what the kernel did not take at once, when the socket
+//!   becomes writable.
+//! - Reading: frames are decoded by [`frame::decode`] from a buffer that
+//!   exists only while bytes are in hand; an idle socket holds no read
+//!   buffer. `readable()` + `try_read` are cancel-safe, so the read sits in
+//!   the task's `select!` with the close, drain, backlog and ping branches.
+//! - The upgraded connection is taken back as the plain `TcpStream` (hyper's
+//!   `Upgraded::downcast`), so writes need no lock around a split stream and
+//!   can happen from any thread.
 
-use std::io::IoSlice;
+use std::io;
+use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use fastwebsockets::{OpCode, Role as WsRole, WebSocketError};
-use hyper::upgrade::Upgraded;
+use bytes::BytesMut;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use super::dialect::{Command, Dialect, Reply};
-use super::frame;
+use super::frame::{self, DecodeError, Op};
 use crate::auth::{AuthError, Identity, Role};
 use crate::hub::{Outbox, close_code};
 use crate::metrics as m;
 use crate::node::App;
-
-type Io = TokioIo<Upgraded>;
 
 /// Frames above `MAX_FRAME_BYTES` but below this are read, refused with an
 /// error, and the socket goes on; above it the stream cannot be resynced
@@ -40,6 +35,9 @@ type Io = TokioIo<Upgraded>;
 fn hard_cap(max_frame: usize) -> usize {
     max_frame.saturating_mul(4).max(256 * 1024)
 }
+
+/// Bytes asked of the kernel per read (more when a known frame needs more).
+const READ_CHUNK: usize = 4096;
 
 pub async fn serve(
     app: Arc<App>,
@@ -54,42 +52,40 @@ pub async fn serve(
             return;
         }
     };
-    let (read, mut write) = tokio::io::split(ws.into_inner());
+    let (stream, early) = match ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        Err(_) => {
+            tracing::error!("an upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    let outbox = Outbox::new(
+        app.next_conn_id(),
+        dialect,
+        app.config.send_queue_len,
+        Some(stream),
+    );
     let identity = match auth {
         Ok(id) if dialect == Dialect::Driver && id.role != Role::Driver => {
             let msg = "the driver endpoint is for drivers only";
-            refuse(&mut write, dialect, close_code::FORBIDDEN, "forbidden", msg).await;
+            refuse(&outbox, close_code::FORBIDDEN, "forbidden", msg).await;
             return;
         }
         Ok(id) => id,
         Err(e) => {
             let msg = e.to_string();
-            refuse(
-                &mut write,
-                dialect,
-                close_code::UNAUTHORIZED,
-                "unauthorized",
-                &msg,
-            )
-            .await;
+            refuse(&outbox, close_code::UNAUTHORIZED, "unauthorized", &msg).await;
             return;
         }
     };
 
-    let (outbox, rx) = Outbox::new(app.next_conn_id(), dialect, app.config.send_queue_len);
-    let alive = Arc::new(AtomicBool::new(true));
     app.hub.socket_opened();
     metrics::gauge!(m::SOCKETS_OPEN, "dialect" => dialect.as_str()).increment(1.0);
     metrics::counter!(m::SOCKETS_OPENED, "dialect" => dialect.as_str()).increment(1);
-    let writer = tokio::spawn(write_loop(
-        write,
-        rx,
-        outbox.clone(),
-        app.drain.clone(),
-        app.config.ping_interval,
-        alive.clone(),
-    ));
-
     let mut session = Session {
         app: app.clone(),
         identity,
@@ -97,32 +93,59 @@ pub async fn serve(
         dialect,
         rooms: Vec::new(),
     };
-    session.start().await;
-    session.read_loop(read, &alive).await;
+    // Boxed, like every rarely taken branch below: the task's own future
+    // stays small, and it is what an idle socket costs.
+    Box::pin(session.start()).await;
+    let keep_queue = session.run(BytesMut::from(&early[..])).await;
 
-    // Teardown: make sure the writer stops, then leave every room.
+    // Teardown: no more deliveries, leave every room, then say goodbye.
     outbox.closer.close(close_code::NORMAL, "");
     for room in std::mem::take(&mut session.rooms) {
         app.leave(outbox.id, &room);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    goodbye(&outbox, keep_queue).await;
     app.hub.socket_closed();
     metrics::gauge!(m::SOCKETS_OPEN, "dialect" => dialect.as_str()).decrement(1.0);
 }
 
 /// Tells an unauthenticated or unauthorized client why, then closes.
-async fn refuse(w: &mut WriteHalf<Io>, dialect: Dialect, code: u16, err: &str, message: &str) {
+async fn refuse(outbox: &Outbox, code: u16, err: &'static str, message: &str) {
+    let dialect = outbox.dialect;
     metrics::counter!(m::WS_ERRORS, "dialect" => dialect.as_str(), "code" => err.to_string())
         .increment(1);
-    let msg = frame::text(dialect.reply(&Reply::Error { code: err, message }));
-    let close = frame::close(code, err);
+    outbox.push(frame::text(
+        dialect.reply(&Reply::Error { code: err, message }),
+    ));
+    outbox.closer.close(code, err);
+    goodbye(outbox, true).await;
+}
+
+/// Sends the close frame (after the backlog when `keep_queue`), then ends
+/// the TCP stream. Gives up after 2 s on a peer that does not read.
+async fn goodbye(outbox: &Outbox, keep_queue: bool) {
+    let (code, reason) = outbox.closer.reason().unwrap_or((close_code::NORMAL, ""));
+    outbox.seal(frame::close(code, reason), keep_queue);
+    let Some(stream) = outbox.stream() else {
+        return;
+    };
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        w.write_all(&msg).await?;
-        w.write_all(&close).await?;
-        w.flush().await?;
-        w.shutdown().await
+        while !outbox.flush()? {
+            stream.writable().await?;
+        }
+        io::Result::Ok(())
     })
     .await;
+    let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Write);
+}
+
+/// What the socket has read but not yet handled.
+struct Inbound {
+    buf: BytesMut,
+    /// The whole size of the frame at the front of `buf`, once its header
+    /// has arrived (0 when unknown).
+    need: usize,
+    /// A fragmented message being reassembled: (is text, bytes so far).
+    partial: Option<(bool, Vec<u8>)>,
 }
 
 struct Session {
@@ -194,67 +217,133 @@ impl Session {
         }
     }
 
-    async fn read_loop(&mut self, read: tokio::io::ReadHalf<Io>, alive: &AtomicBool) {
-        let max = self.app.config.max_frame_bytes;
-        let (mut rd, _) =
-            fastwebsockets::after_handshake_split(read, tokio::io::sink(), WsRole::Server);
-        rd.set_auto_close(false);
-        rd.set_auto_pong(false);
-        rd.set_max_message_size(hard_cap(max));
-        // With auto close/pong off, fastwebsockets has nothing to send.
-        let mut no_send = |_| async { Ok::<(), std::io::Error>(()) };
-        let closed = self.outbox.closer.token().clone();
-        // A fragmented message being reassembled: (is text, bytes so far).
-        let mut partial: Option<(bool, Vec<u8>)> = None;
+    /// The socket's loop, until it closes. Returns whether the backlog
+    /// should still go out before the close frame.
+    async fn run(&mut self, early: BytesMut) -> bool {
+        let outbox = self.outbox.clone();
+        let Some(stream) = outbox.stream() else {
+            return false;
+        };
+        let closed = outbox.closer.token().clone();
+        let drain = self.app.drain.clone();
+        let every = self.app.config.ping_interval;
+        let ping = tokio::time::sleep(every);
+        tokio::pin!(ping);
+        let mut alive = true;
+        let mut inbound = Inbound {
+            buf: early,
+            need: 0,
+            partial: None,
+        };
+        // Frames the client sent right behind its handshake.
+        if !inbound.buf.is_empty()
+            && let Some(keep) = Box::pin(self.process(&mut inbound)).await
+        {
+            return keep;
+        }
         loop {
-            let frame = tokio::select! {
-                f = rd.read_frame(&mut no_send) => f,
-                _ = closed.cancelled() => return,
-            };
-            let frame = match frame {
-                Ok(f) => f,
-                Err(WebSocketError::FrameTooLarge) => {
+            let backlog = outbox.has_backlog();
+            tokio::select! {
+                biased;
+                _ = closed.cancelled() => return false,
+                _ = drain.cancelled() => {
+                    // Drain: what was queued before the node stopped still
+                    // goes out, then 1012 tells the client to reconnect
+                    // elsewhere.
+                    outbox.closer.close(close_code::SERVICE_RESTART, "server restart");
+                    return true;
+                }
+                r = stream.writable(), if backlog => {
+                    if r.is_err() || outbox.flush().is_err() {
+                        outbox.closer.close(close_code::NORMAL, "");
+                        return false;
+                    }
+                }
+                _ = outbox.backlog_appeared(), if !backlog => {}
+                r = stream.readable() => {
+                    if r.is_err() {
+                        return false;
+                    }
+                    let want = inbound.need.saturating_sub(inbound.buf.len()).max(READ_CHUNK);
+                    inbound.buf.reserve(want);
+                    match stream.try_read_buf(&mut inbound.buf) {
+                        Ok(0) => return false,
+                        Ok(_) => {
+                            alive = true;
+                            if let Some(keep) = Box::pin(self.process(&mut inbound)).await {
+                                return keep;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "socket read ended");
+                            return false;
+                        }
+                    }
+                    if inbound.buf.is_empty() {
+                        // Idle again: hold no read buffer.
+                        inbound.buf = BytesMut::new();
+                    }
+                }
+                _ = &mut ping => {
+                    if !alive {
+                        outbox.closer.close(close_code::PING_TIMEOUT, "ping timeout");
+                        return false;
+                    }
+                    alive = false;
+                    outbox.push(frame::ping());
+                    ping.as_mut().reset(tokio::time::Instant::now() + every);
+                }
+            }
+        }
+    }
+
+    /// Handles every whole frame in the read buffer. `Some(keep_queue)` when
+    /// the socket is to close.
+    async fn process(&mut self, inbound: &mut Inbound) -> Option<bool> {
+        let max = self.app.config.max_frame_bytes;
+        loop {
+            let frame = match frame::decode(&mut inbound.buf, hard_cap(max), &mut inbound.need) {
+                Ok(Some(f)) => f,
+                Ok(None) => return None,
+                Err(DecodeError::TooLarge(size)) => {
                     let e = super::dialect::ProtoError::TooLarge {
-                        size: hard_cap(max),
+                        size: usize::try_from(size).unwrap_or(usize::MAX),
                         limit: max,
                     };
                     self.error(e.code(), &e.to_string());
                     self.outbox
                         .closer
                         .close(close_code::MESSAGE_TOO_BIG, "message too big");
-                    return;
+                    return Some(true);
                 }
-                Err(WebSocketError::InvalidUTF8) => {
-                    // The whole frame was consumed: the stream is in sync.
-                    alive.store(true, Ordering::Relaxed);
-                    self.error("bad_message", "text frames must be UTF-8");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "socket read ended");
-                    return;
+                Err(DecodeError::Protocol(why)) => {
+                    self.error("bad_frame", why);
+                    self.outbox
+                        .closer
+                        .close(close_code::PROTOCOL_ERROR, "protocol error");
+                    return Some(true);
                 }
             };
-            alive.store(true, Ordering::Relaxed);
-            let (text, payload) = match frame.opcode {
-                OpCode::Close => {
+            let (text, payload) = match frame.op {
+                Op::Close => {
                     self.outbox.closer.close(close_code::NORMAL, "");
-                    return;
+                    return Some(false);
                 }
-                OpCode::Ping => {
+                Op::Ping => {
                     self.outbox.push(frame::pong(&frame.payload));
                     continue;
                 }
-                OpCode::Pong => continue,
-                OpCode::Text | OpCode::Binary if frame.fin => {
-                    (frame.opcode == OpCode::Text, frame.payload.to_vec())
+                Op::Pong => continue,
+                Op::Text | Op::Binary if frame.fin => {
+                    (frame.op == Op::Text, frame.payload.to_vec())
                 }
-                OpCode::Text | OpCode::Binary => {
-                    partial = Some((frame.opcode == OpCode::Text, frame.payload.to_vec()));
+                Op::Text | Op::Binary => {
+                    inbound.partial = Some((frame.op == Op::Text, frame.payload.to_vec()));
                     continue;
                 }
-                OpCode::Continuation => {
-                    let Some((text, mut buf)) = partial.take() else {
+                Op::Continuation => {
+                    let Some((text, mut buf)) = inbound.partial.take() else {
                         self.error("bad_message", "continuation frame without a first frame");
                         continue;
                     };
@@ -268,15 +357,19 @@ impl Session {
                         self.outbox
                             .closer
                             .close(close_code::MESSAGE_TOO_BIG, "message too big");
-                        return;
+                        return Some(true);
                     }
                     if !frame.fin {
-                        partial = Some((text, buf));
+                        inbound.partial = Some((text, buf));
                         continue;
                     }
                     (text, buf)
                 }
             };
+            if text && std::str::from_utf8(&payload).is_err() {
+                self.error("bad_message", "text frames must be UTF-8");
+                continue;
+            }
             self.handle_message(text, &payload, max).await;
         }
     }
@@ -331,108 +424,4 @@ impl Session {
             }
         }
     }
-}
-
-async fn write_loop(
-    mut w: WriteHalf<Io>,
-    mut rx: mpsc::Receiver<Bytes>,
-    outbox: Arc<Outbox>,
-    drain: CancellationToken,
-    ping_every: Duration,
-    alive: Arc<AtomicBool>,
-) {
-    let closed = outbox.closer.token().clone();
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut flush_queue = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = closed.cancelled() => {
-                // Over the hard cap: the error saying why is queued just
-                // before the close and must go out before the 1009.
-                flush_queue = matches!(
-                    outbox.closer.reason(),
-                    Some((close_code::MESSAGE_TOO_BIG, _))
-                );
-                break;
-            }
-            _ = drain.cancelled() => {
-                // Drain: what was queued before the node stopped still goes
-                // out, then 1012 tells the client to reconnect elsewhere.
-                outbox.closer.close(close_code::SERVICE_RESTART, "server restart");
-                flush_queue = true;
-                break;
-            }
-            n = rx.recv_many(&mut batch, 256) => {
-                if n == 0 {
-                    break;
-                }
-                tokio::select! {
-                    r = write_all(&mut w, &mut batch) => if r.is_err() {
-                        outbox.closer.close(close_code::NORMAL, "");
-                        return;
-                    },
-                    // Torn down mid-write (e.g. slow consumer): abandon it.
-                    _ = closed.cancelled() => return,
-                }
-            }
-            _ = ping.tick() => {
-                if !alive.swap(false, Ordering::Relaxed) {
-                    outbox.closer.close(close_code::PING_TIMEOUT, "ping timeout");
-                    break;
-                }
-                batch.push(frame::ping());
-                if write_all(&mut w, &mut batch).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-    let (code, reason) = outbox.closer.reason().unwrap_or((close_code::NORMAL, ""));
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        if flush_queue {
-            rx.close();
-            while rx.recv_many(&mut batch, 256).await > 0 {
-                write_all(&mut w, &mut batch).await?;
-            }
-        }
-        w.write_all(&frame::close(code, reason)).await?;
-        w.flush().await?;
-        w.shutdown().await
-    })
-    .await;
-}
-
-/// Writes every frame of `batch` (emptying it) with vectored writes: one
-/// syscall for a whole queue in the common case.
-async fn write_all<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    batch: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
-    let mut start = 0;
-    while start < batch.len() {
-        let slices: Vec<IoSlice<'_>> = batch[start..]
-            .iter()
-            .take(64)
-            .map(|b| IoSlice::new(b))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let first = &mut batch[start];
-            if n >= first.len() {
-                n -= first.len();
-                start += 1;
-            } else {
-                first.advance(n);
-                n = 0;
-            }
-        }
-    }
-    batch.clear();
-    w.flush().await
 }

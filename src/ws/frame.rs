@@ -1,8 +1,15 @@
-//! Server → client frames, encoded once into `Bytes` (header included) so the
-//! same buffer can be queued to every socket of a dialect and the writer can
-//! send a batch of them in one vectored write.
+//! WebSocket frames (RFC 6455 §5).
+//!
+//! - Server → client frames are encoded once into `Bytes` (header included)
+//!   so the same buffer can go to every socket of a dialect, and a backlog
+//!   can leave in one vectored write.
+//! - Client → server frames are decoded by [`decode`] from the socket's own
+//!   read buffer. We read frames ourselves rather than through
+//!   fastwebsockets' reader because that reader keeps an 8 KiB buffer per
+//!   socket for the socket's whole life; ours holds no memory while a socket
+//!   is idle (see `ws::conn`). Unmasking uses fastwebsockets' SIMD `unmask`.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use fastwebsockets::{Frame, OpCode, Payload};
 
 fn encode(mut frame: Frame<'_>) -> Bytes {
@@ -28,8 +35,195 @@ pub fn pong(payload: &[u8]) -> Bytes {
     encode(Frame::pong(Payload::Owned(payload.to_vec())))
 }
 
+/// The opcodes a client may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Continuation,
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+}
+
+/// One decoded, unmasked client frame.
+#[derive(Debug)]
+pub struct InFrame {
+    pub fin: bool,
+    pub op: Op,
+    pub payload: BytesMut,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The declared payload length is over the cap: the stream cannot be
+    /// resynced without reading it, so the socket must close (1009).
+    TooLarge(u64),
+    /// Not a valid client frame (unmasked, reserved bits, unknown opcode, a
+    /// fragmented or long control frame): close 1002.
+    Protocol(&'static str),
+}
+
+/// Takes one whole frame off the front of `buf`. `Ok(None)` means more
+/// bytes are needed; `need` is then set to the frame's full size when the
+/// header has arrived (so the caller can reserve it at once).
+pub fn decode(
+    buf: &mut BytesMut,
+    cap: usize,
+    need: &mut usize,
+) -> Result<Option<InFrame>, DecodeError> {
+    *need = 0;
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(DecodeError::Protocol(
+            "reserved bits set (no extension was negotiated)",
+        ));
+    }
+    let op = match b0 & 0x0f {
+        0x0 => Op::Continuation,
+        0x1 => Op::Text,
+        0x2 => Op::Binary,
+        0x8 => Op::Close,
+        0x9 => Op::Ping,
+        0xa => Op::Pong,
+        _ => return Err(DecodeError::Protocol("unknown opcode")),
+    };
+    let fin = b0 & 0x80 != 0;
+    if b1 & 0x80 == 0 {
+        return Err(DecodeError::Protocol("client frames must be masked"));
+    }
+    let (len, header) = match b1 & 0x7f {
+        126 if buf.len() < 4 => return Ok(None),
+        126 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() < 10 => return Ok(None),
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(n), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    if matches!(op, Op::Close | Op::Ping | Op::Pong) && (!fin || len > 125) {
+        return Err(DecodeError::Protocol(
+            "control frames must be whole and at most 125 bytes",
+        ));
+    }
+    if len > cap as u64 {
+        return Err(DecodeError::TooLarge(len));
+    }
+    let total = header + 4 + len as usize;
+    if buf.len() < total {
+        *need = total;
+        return Ok(None);
+    }
+    let mut mask = [0u8; 4];
+    mask.copy_from_slice(&buf[header..header + 4]);
+    buf.advance(header + 4);
+    let mut payload = buf.split_to(len as usize);
+    fastwebsockets::unmask(&mut payload, mask);
+    Ok(Some(InFrame { fin, op, payload }))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A masked client frame, as a browser would send it.
+    fn client(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut out = vec![b0];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[test]
+    fn decodes_frames_split_anywhere() {
+        let big = vec![b'y'; 70_000];
+        let mut wire = client(0x81, b"hello");
+        wire.extend(client(0x01, b"frag"));
+        wire.extend(client(0x89, b"p"));
+        wire.extend(client(0x80, b"ment"));
+        wire.extend(client(0x82, &big));
+        wire.extend(client(0x81, &big[..300]));
+        let want: Vec<(bool, Op, &[u8])> = vec![
+            (true, Op::Text, b"hello"),
+            (false, Op::Text, b"frag"),
+            (true, Op::Ping, b"p"),
+            (true, Op::Continuation, b"ment"),
+            (true, Op::Binary, &big),
+            (true, Op::Text, &big[..300]),
+        ];
+        // Fed in chunks of every size from 1 byte up.
+        for chunk in [1, 2, 3, 7, 100, 4096, wire.len()] {
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut need = 0;
+            for piece in wire.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(f) = decode(&mut buf, 100_000, &mut need).unwrap() {
+                    got.push((f.fin, f.op, f.payload.to_vec()));
+                }
+                assert!(need == 0 || need > buf.len());
+            }
+            assert!(buf.is_empty());
+            assert_eq!(got.len(), want.len(), "chunk {chunk}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((g.0, g.1, &g.2[..]), (w.0, w.1, w.2), "chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_what_a_client_may_not_send() {
+        let mut need = 0;
+        let mut unmasked = BytesMut::from(&[0x81u8, 1, b'x'][..]);
+        assert!(matches!(
+            decode(&mut unmasked, 10, &mut need),
+            Err(DecodeError::Protocol(_))
+        ));
+        let mut rsv = BytesMut::from(&client(0xc1, b"x")[..]);
+        assert!(matches!(
+            decode(&mut rsv, 10, &mut need),
+            Err(DecodeError::Protocol(_))
+        ));
+        let mut op = BytesMut::from(&client(0x83, b"x")[..]);
+        assert!(matches!(
+            decode(&mut op, 10, &mut need),
+            Err(DecodeError::Protocol(_))
+        ));
+        let mut split_ping = BytesMut::from(&client(0x09, b"x")[..]);
+        assert!(matches!(
+            decode(&mut split_ping, 10, &mut need),
+            Err(DecodeError::Protocol(_))
+        ));
+        let mut long_ping = BytesMut::from(&client(0x89, &[0; 126])[..]);
+        assert!(matches!(
+            decode(&mut long_ping, 1000, &mut need),
+            Err(DecodeError::Protocol(_))
+        ));
+        // Over the cap: refused from the header alone.
+        let mut huge = BytesMut::from(&client(0x81, &[0; 2000])[..20]);
+        assert!(matches!(
+            decode(&mut huge, 1999, &mut need),
+            Err(DecodeError::TooLarge(2000))
+        ));
+    }
+
     #[test]
     fn text_frame_layout() {
         let f = super::text(b"hi".to_vec());

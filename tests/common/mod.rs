@@ -634,6 +634,38 @@ impl Client {
         })
     }
 
+    /// Sends a frame without the client mask RFC 6455 requires.
+    pub async fn send_unmasked(&self, frame: Frame<'_>) {
+        let mut w = self.writer.lock().await;
+        w.set_auto_apply_mask(false);
+        w.write_frame(frame).await.expect("client write");
+        w.set_auto_apply_mask(true);
+    }
+
+    /// For a parked client: reads the next `n` text frames as JSON (other
+    /// frames are skipped); panics if they do not all come within `within`.
+    pub async fn read_parked(&mut self, n: usize, within: Duration) -> Vec<Value> {
+        let rd = self.parked.as_mut().expect("a parked client");
+        let mut no_send = |_| async { Ok::<(), std::io::Error>(()) };
+        let deadline = Instant::now() + within;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let f = tokio::time::timeout(left, rd.read_frame(&mut no_send))
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {n} frames in time", out.len()))
+                .expect("the connection ended");
+            match f.opcode {
+                OpCode::Text => {
+                    out.push(serde_json::from_slice(&f.payload).expect("server sent JSON"))
+                }
+                OpCode::Close => panic!("closed after {} of {n} frames", out.len()),
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// Opens a socket that reads its first `skip` frames (the connect
     /// messages, so the socket is known to be in its rooms) and then never
     /// reads again: a consumer whose buffers fill up.
