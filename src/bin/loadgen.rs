@@ -812,9 +812,19 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             let mut h = hist();
             let mut seen = vec![false; total_publishes as usize + 1];
             let (mut got, mut dups) = (0u64, 0u64);
-            while let Ok(Some(Incoming::Text(b))) =
-                tokio::time::timeout_at(drain_until.into(), s.recv()).await
-            {
+            // One deadline for the whole run: a timeout per message would
+            // cost a timer insertion per message.
+            let deadline = tokio::time::sleep_until(drain_until.into());
+            tokio::pin!(deadline);
+            loop {
+                let b = tokio::select! {
+                    biased;
+                    m = s.recv() => match m {
+                        Some(Incoming::Text(b)) => b,
+                        _ => break,
+                    },
+                    _ = &mut deadline => break,
+                };
                 let (Some(seq), Some(t)) = (int_field(&b, b"\"s\":"), int_field(&b, b"\"t\":"))
                 else {
                     continue;

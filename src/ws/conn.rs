@@ -57,7 +57,9 @@ pub async fn serve(
         .into_inner()
         .downcast::<TokioIo<TcpStream>>()
     {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        // Copied: `read_buf` may be a slice of hyper's whole read buffer,
+        // which must not live as long as the socket.
+        Ok(parts) => (parts.io.into_inner(), BytesMut::from(&parts.read_buf[..])),
         Err(_) => {
             tracing::error!("an upgraded connection is not a TCP stream");
             return;
@@ -96,7 +98,7 @@ pub async fn serve(
     // Boxed, like every rarely taken branch below: the task's own future
     // stays small, and it is what an idle socket costs.
     Box::pin(session.start()).await;
-    let keep_queue = session.run(BytesMut::from(&early[..])).await;
+    let keep_queue = session.run(early).await;
 
     // Teardown: no more deliveries, leave every room, then say goodbye.
     outbox.closer.close(close_code::NORMAL, "");
