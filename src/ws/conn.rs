@@ -140,6 +140,21 @@ async fn goodbye(outbox: &Outbox, keep_queue: bool) {
     let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Write);
 }
 
+/// When a socket pinged now pings next: `every` from now, rounded up to a
+/// grid of `PING_GRID` shared by every socket, so the node wakes a few times
+/// a second for all its pings (and reads the pongs in bursts) instead of
+/// once per socket.
+fn next_ping(every: Duration) -> tokio::time::Instant {
+    const PING_GRID: Duration = Duration::from_millis(250);
+    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+    let due = (tokio::time::Instant::now() + every).duration_since(origin);
+    let grid = PING_GRID.as_nanos();
+    let slots = due.as_nanos().div_ceil(grid);
+    let rounded = u64::try_from(slots * grid).unwrap_or(u64::MAX);
+    origin + Duration::from_nanos(rounded)
+}
+
 /// What the socket has read but not yet handled.
 struct Inbound {
     buf: BytesMut,
@@ -229,7 +244,7 @@ impl Session {
         let closed = outbox.closer.token().clone();
         let drain = self.app.drain.clone();
         let every = self.app.config.ping_interval;
-        let ping = tokio::time::sleep(every);
+        let ping = tokio::time::sleep_until(next_ping(every));
         tokio::pin!(ping);
         let mut alive = true;
         let mut inbound = Inbound {
@@ -294,7 +309,7 @@ impl Session {
                     }
                     alive = false;
                     outbox.push(frame::ping());
-                    ping.as_mut().reset(tokio::time::Instant::now() + every);
+                    ping.as_mut().reset(next_ping(every));
                 }
             }
         }
