@@ -40,6 +40,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The server's process id while it runs (benchmarks read its CPU).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// (Re)starts the server on the same port and waits until it answers.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server already running");

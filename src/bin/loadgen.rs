@@ -490,6 +490,8 @@ async fn locations(
         sockets.push(s);
     }
     let cpu0 = cpu_seconds(node.pid().unwrap_or(0)).unwrap_or(0.0);
+    let redis_cpu0 = cpu_seconds(redis.pid().unwrap_or(0)).unwrap_or(0.0);
+    let my0 = self_cpu();
     let sent = Arc::new(AtomicU64::new(0));
     let stop_at = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
@@ -498,16 +500,22 @@ async fn locations(
         tasks.push(tokio::spawn(async move {
             let mut rng = Lcg(i as u64 + 1);
             let gap = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+            // Absolute deadlines (a sleep after each send would add the send
+            // time and the timer's 1 ms rounding to every gap), phases
+            // spread over one gap.
+            let mut next = tokio::time::Instant::now()
+                + gap.unwrap_or_default().mul_f64(i as f64 / drivers as f64);
             while Instant::now() < stop_at {
+                if let Some(g) = gap {
+                    tokio::time::sleep_until(next).await;
+                    next += g;
+                }
                 let (lat, lon) = offset(CENTER, (rng.next_f64() - 0.5) * 20.0, (rng.next_f64() - 0.5) * 20.0);
                 let msg = format!(r#"{{"type":"location","latitude":{lat:.6},"longitude":{lon:.6},"heading":90,"speed":10}}"#);
                 if s.send_text(&msg).await.is_err() {
                     break;
                 }
                 sent.fetch_add(1, Ordering::Relaxed);
-                if let Some(g) = gap {
-                    tokio::time::sleep(g).await;
-                }
             }
             s
         }));
@@ -534,17 +542,24 @@ async fn locations(
         let _ = t.await;
     }
     let cpu = cpu_seconds(node.pid().unwrap_or(0)).unwrap_or(0.0) - cpu0;
+    let redis_cpu = cpu_seconds(redis.pid().unwrap_or(0)).unwrap_or(0.0) - redis_cpu0;
+    let my_cpu = self_cpu() - my0;
     let sent = sent.load(Ordering::Relaxed);
     let per_s = sent as f64 / secs;
+    let us = |c: f64| c * 1e6 / sent.max(1) as f64;
     println!(
-        "locations: {drivers} driver sockets → 1 node for {secs} s: {sent} positions sent ({per_s:.0}/s), watcher saw {seen}, node CPU {cpu:.2} s ({:.1} µs/position)",
-        cpu * 1e6 / sent.max(1) as f64
+        "locations: {drivers} driver sockets → 1 node for {secs} s: {sent} positions sent ({per_s:.0}/s), watcher saw {seen}, node CPU {cpu:.2} s ({:.1} µs/position), redis {:.1} µs/position, loadgen {:.1} µs/position",
+        us(cpu),
+        us(redis_cpu),
+        us(my_cpu)
     );
     println!("  staleness at the watcher: {}", pct(&stale));
     println!(
         "{}",
         json!({"scenario": "locations", "drivers": drivers, "secs": secs, "sent": sent, "per_s": per_s,
-               "watcher_seen": seen, "node_cpu_s": cpu, "staleness": pct(&stale)})
+               "watcher_seen": seen, "node_cpu_s": cpu, "node_us_per_position": us(cpu),
+               "redis_us_per_position": us(redis_cpu), "loadgen_us_per_position": us(my_cpu),
+               "staleness": pct(&stale)})
     );
     Ok(())
 }
@@ -812,6 +827,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             let mut h = hist();
             let mut seen = vec![false; total_publishes as usize + 1];
             let (mut got, mut dups) = (0u64, 0u64);
+            let mut closed = None;
             // One deadline for the whole run: a timeout per message would
             // cost a timer insertion per message.
             let deadline = tokio::time::sleep_until(drain_until.into());
@@ -821,7 +837,11 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                     biased;
                     m = s.recv() => match m {
                         Some(Incoming::Text(b)) => b,
-                        _ => break,
+                        Some(Incoming::Close(code)) => {
+                            closed = Some(code);
+                            break;
+                        }
+                        None => break,
                     },
                     _ = &mut deadline => break,
                 };
@@ -840,7 +860,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                     None => {}
                 }
             }
-            (h, got, dups, seen)
+            (h, got, dups, seen, closed)
         }));
     }
     let pids: Vec<u32> = nodes.iter().filter_map(NodeProcess::pid).collect();
@@ -879,8 +899,14 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let publish_secs = started.elapsed().as_secs_f64();
     let mut lat = hist();
     let (mut got, mut dups, mut lost) = (0u64, 0u64, 0u64);
+    // Sockets the server closed during the run, by close code (4008: the
+    // loadgen read too slowly and was dropped as a slow consumer).
+    let mut closes: std::collections::BTreeMap<u16, u64> = Default::default();
     for t in tasks {
-        let (h, g, d, seen) = t.await?;
+        let (h, g, d, seen, closed) = t.await?;
+        if let Some(code) = closed {
+            *closes.entry(code).or_default() += 1;
+        }
         lat.add(&h)?;
         got += g;
         dups += d;
@@ -913,7 +939,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         bin.file_name().and_then(|n| n.to_str()).unwrap_or("?")
     );
     println!(
-        "  deliveries {got}/{expected} ({per_s:.0}/s), lost {lost}, duplicates {dups}, publishes refused {refused}"
+        "  deliveries {got}/{expected} ({per_s:.0}/s), lost {lost}, duplicates {dups}, publishes refused {refused}, sockets closed by the server {closes:?}"
     );
     println!("  latency publish→socket: {}", pct(&lat));
     println!(
@@ -924,7 +950,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
                "subscribers": a.subscribers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
                "deliveries": got, "expected": expected, "per_s": per_s, "lost": lost, "duplicates": dups,
-               "refused": refused, "latency": pct(&lat), "server_cpu_s": node_cpu,
+               "refused": refused, "closed_by_server": closes, "latency": pct(&lat), "server_cpu_s": node_cpu,
                "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us})
     );
     Ok(())

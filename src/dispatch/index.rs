@@ -3,13 +3,17 @@
 //! Redis (cluster mode): a GEO set `{p}drivers:geo`, a last-seen sorted set
 //! `{p}drivers:seen` (score = unix ms) and a set of drivers who said they are
 //! unavailable, `{p}drivers:off`. `nearest` runs one Lua script (one round
-//! trip): GEOSEARCH, then drop stale and unavailable drivers.
+//! trip): GEOSEARCH, then drop stale and unavailable drivers. Positions are
+//! written in batches by one task per node (`write_positions`): one
+//! multi-member `GEOADD` + `ZADD` per round trip, however many sockets report.
 //! Memory (embedded mode): a map behind a mutex, scanned linearly.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics as m;
 
@@ -181,11 +185,59 @@ end
 "#;
 
 pub struct RedisIndex {
-    hot: crate::store::HotConn,
+    hot: Arc<crate::store::HotConn>,
     geo: String,
     seen: String,
     off: String,
     nearest: redis::Script,
+    /// Positions on their way to the batch writer ([`write_positions`]).
+    puts: mpsc::UnboundedSender<Put>,
+}
+
+/// One position for the batch writer, and where its outcome goes.
+struct Put {
+    driver_id: i64,
+    lat: f64,
+    lon: f64,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Writes positions in batches: whatever queued while the previous batch
+/// was in flight (up to `PUT_BATCH`) goes as one `GEOADD` and one `ZADD`
+/// with many members, in one round trip. Per driver, positions keep their
+/// order (a later one in the same `GEOADD` wins). Ends when the index is
+/// dropped.
+async fn write_positions(
+    hot: Arc<crate::store::HotConn>,
+    geo: String,
+    seen: String,
+    mut rx: mpsc::UnboundedReceiver<Put>,
+) {
+    const PUT_BATCH: usize = 512;
+    let mut batch = Vec::with_capacity(PUT_BATCH);
+    while rx.recv_many(&mut batch, PUT_BATCH).await > 0 {
+        let ms = now_ms();
+        let mut geoadd = redis::cmd("GEOADD");
+        let mut zadd = redis::cmd("ZADD");
+        geoadd.arg(&geo);
+        zadd.arg(&seen);
+        for p in &batch {
+            geoadd.arg(p.lon).arg(p.lat).arg(p.driver_id);
+            zadd.arg(ms).arg(p.driver_id);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(geoadd).ignore().add_command(zadd).ignore();
+        let r = match hot.get().await {
+            Ok(mut c) => timed("geo_put", pipe.exec_async(&mut c)).await,
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            hot.broken();
+        }
+        for p in batch.drain(..) {
+            let _ = p.done.send(r.clone());
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -193,13 +245,20 @@ fn now_ms() -> i64 {
 }
 
 impl RedisIndex {
+    /// Starts the position writer task: call within the runtime.
     pub fn new(pool: deadpool_redis::Pool, prefix: &str) -> RedisIndex {
+        let hot = Arc::new(crate::store::HotConn::new(pool));
+        let geo = format!("{prefix}drivers:geo");
+        let seen = format!("{prefix}drivers:seen");
+        let (puts, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_positions(hot.clone(), geo.clone(), seen.clone(), rx));
         RedisIndex {
-            hot: crate::store::HotConn::new(pool),
-            geo: format!("{prefix}drivers:geo"),
-            seen: format!("{prefix}drivers:seen"),
+            hot,
+            geo,
+            seen,
             off: format!("{prefix}drivers:off"),
             nearest: redis::Script::new(NEAREST_LUA),
+            puts,
         }
     }
 
@@ -235,22 +294,17 @@ pub(crate) async fn timed<T, E: std::fmt::Display>(
 
 impl DriverIndex for RedisIndex {
     async fn put(&self, driver_id: i64, lat: f64, lon: f64) -> Result<(), IndexError> {
-        let mut c = self.conn().await?;
-        let mut p = redis::pipe();
-        p.cmd("GEOADD")
-            .arg(&self.geo)
-            .arg(lon)
-            .arg(lat)
-            .arg(driver_id)
-            .ignore();
-        p.cmd("ZADD")
-            .arg(&self.seen)
-            .arg(now_ms())
-            .arg(driver_id)
-            .ignore();
-        timed("geo_put", p.exec_async(&mut c))
-            .await
-            .map_err(|e| self.fail(e))
+        let stopped = || IndexError("position writer stopped".into());
+        let (done, outcome) = oneshot::channel();
+        self.puts
+            .send(Put {
+                driver_id,
+                lat,
+                lon,
+                done,
+            })
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?.map_err(IndexError)
     }
 
     async fn set_available(&self, driver_id: i64, available: bool) -> Result<(), IndexError> {
