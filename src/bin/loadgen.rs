@@ -817,21 +817,21 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         }
         subs.push(s);
     }
-    let stop_at = Instant::now() + Duration::from_secs_f64(a.secs);
-    let drain_until = stop_at + Duration::from_secs(5);
+    // Fired 5 s after the last publish was answered (however late the
+    // publisher ran): what has not arrived by then is lost.
+    let done = tokio_util::sync::CancellationToken::new();
     let total_publishes = (a.rate * a.secs).round() as u64;
     // Subscribers: parse only `"s":` (sequence) and `"t":` (send time, µs).
     let mut tasks = Vec::new();
     for mut s in subs {
+        // One stop signal for the whole run (a timeout per message would
+        // cost a timer insertion per message).
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = hist();
             let mut seen = vec![false; total_publishes as usize + 1];
             let (mut got, mut dups) = (0u64, 0u64);
             let mut closed = None;
-            // One deadline for the whole run: a timeout per message would
-            // cost a timer insertion per message.
-            let deadline = tokio::time::sleep_until(drain_until.into());
-            tokio::pin!(deadline);
             loop {
                 let b = tokio::select! {
                     biased;
@@ -843,7 +843,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                         }
                         None => break,
                     },
-                    _ = &mut deadline => break,
+                    _ = done.cancelled() => break,
                 };
                 let (Some(seq), Some(t)) = (int_field(&b, b"\"s\":"), int_field(&b, b"\"t\":"))
                 else {
@@ -897,6 +897,8 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         }
     }
     let publish_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    done.cancel();
     let mut lat = hist();
     let (mut got, mut dups, mut lost) = (0u64, 0u64, 0u64);
     // Sockets the server closed during the run, by close code (4008: the
