@@ -494,6 +494,36 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_reaches_each_socket_once_per_event_in_order() {
+        let hub = Hub::default();
+        let a = Outbox::new(1, Dialect::Events, 8, None);
+        let b = Outbox::new(2, Dialect::Events, 8, None);
+        hub.add("r1", &a);
+        hub.add("r2", &a);
+        hub.add("r2", &b);
+        let both = ev(&["r1", "r2"]);
+        let mut second = ev(&["r2"]);
+        second.kind = EventKind::Custom {
+            ty: "second".into(),
+            data: json!({}),
+        };
+        // As the broker hands them over: one entry per room of each event.
+        hub.deliver_batch([("r1", &both), ("r2", &both), ("r2", &second)]);
+        let types = |o: &Outbox| -> Vec<String> {
+            o.take_queued()
+                .iter()
+                .map(|f| {
+                    // Server text frames of < 126 bytes: a 2-byte header.
+                    let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
+                    v["type"].as_str().unwrap().to_string()
+                })
+                .collect()
+        };
+        assert_eq!(types(&a), ["t", "second"]);
+        assert_eq!(types(&b), ["t", "second"]);
+    }
+
+    #[test]
     fn full_queue_closes_only_that_socket() {
         let hub = Hub::default();
         let slow = Outbox::new(1, Dialect::Events, 1, None);

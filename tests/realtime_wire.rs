@@ -726,34 +726,16 @@ async fn fragmented_messages_are_reassembled_and_bad_frames_closed_1002() {
         let mut c = connect_ready(node.addr, path, &tok).await;
         // `{"type":"ping"}` in three frames, a control frame in between.
         let parts: [&[u8]; 3] = [b"{\"ty", b"pe\":\"pi", b"ng\"}"];
-        c.send_frame(Frame::new(
-            false,
-            OpCode::Text,
-            None,
-            Payload::Borrowed(parts[0]),
-        ))
-        .await;
-        c.send_frame(Frame::new(
-            true,
-            OpCode::Ping,
-            None,
-            Payload::Borrowed(b"hb"),
-        ))
-        .await;
-        c.send_frame(Frame::new(
-            false,
-            OpCode::Continuation,
-            None,
-            Payload::Borrowed(parts[1]),
-        ))
-        .await;
-        c.send_frame(Frame::new(
-            true,
-            OpCode::Continuation,
-            None,
-            Payload::Borrowed(parts[2]),
-        ))
-        .await;
+        let frames = [
+            (false, OpCode::Text, parts[0]),
+            (true, OpCode::Ping, &b"hb"[..]),
+            (false, OpCode::Continuation, parts[1]),
+            (true, OpCode::Continuation, parts[2]),
+        ];
+        for (fin, op, payload) in frames {
+            c.send_frame(Frame::new(fin, op, None, Payload::Borrowed(payload)))
+                .await;
+        }
         assert_eq!(c.recv().await, json!({"type": "pong"}), "{path}");
         // A continuation with nothing to continue is an error, not a close.
         c.send_frame(Frame::new(

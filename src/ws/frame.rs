@@ -191,31 +191,23 @@ mod tests {
     #[test]
     fn refuses_what_a_client_may_not_send() {
         let mut need = 0;
-        let mut unmasked = BytesMut::from(&[0x81u8, 1, b'x'][..]);
-        assert!(matches!(
-            decode(&mut unmasked, 10, &mut need),
-            Err(DecodeError::Protocol(_))
-        ));
-        let mut rsv = BytesMut::from(&client(0xc1, b"x")[..]);
-        assert!(matches!(
-            decode(&mut rsv, 10, &mut need),
-            Err(DecodeError::Protocol(_))
-        ));
-        let mut op = BytesMut::from(&client(0x83, b"x")[..]);
-        assert!(matches!(
-            decode(&mut op, 10, &mut need),
-            Err(DecodeError::Protocol(_))
-        ));
-        let mut split_ping = BytesMut::from(&client(0x09, b"x")[..]);
-        assert!(matches!(
-            decode(&mut split_ping, 10, &mut need),
-            Err(DecodeError::Protocol(_))
-        ));
-        let mut long_ping = BytesMut::from(&client(0x89, &[0; 126])[..]);
-        assert!(matches!(
-            decode(&mut long_ping, 1000, &mut need),
-            Err(DecodeError::Protocol(_))
-        ));
+        let refused: [(&str, Vec<u8>, usize); 5] = [
+            ("unmasked", vec![0x81, 1, b'x'], 10),
+            ("reserved bits", client(0xc1, b"x"), 10),
+            ("unknown opcode", client(0x83, b"x"), 10),
+            ("fragmented ping", client(0x09, b"x"), 10),
+            ("126-byte ping", client(0x89, &[0; 126]), 1000),
+        ];
+        for (what, wire, cap) in refused {
+            let mut buf = BytesMut::from(&wire[..]);
+            assert!(
+                matches!(
+                    decode(&mut buf, cap, &mut need),
+                    Err(DecodeError::Protocol(_))
+                ),
+                "{what}"
+            );
+        }
         // Over the cap: refused from the header alone.
         let mut huge = BytesMut::from(&client(0x81, &[0; 2000])[..20]);
         assert!(matches!(
