@@ -82,6 +82,10 @@ enum Cmd {
         /// Endpoint the subscribers use: /ws (events), / (rooms), driver.
         #[arg(long, default_value = "/ws")]
         path: String,
+        /// Publisher tasks, each with its own connection to every node and
+        /// one request in flight; together they keep to `rate`.
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
         /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
         #[arg(long)]
         server: Option<PathBuf>,
@@ -166,6 +170,7 @@ fn main() -> anyhow::Result<()> {
                 secs,
                 payload,
                 path,
+                publishers,
                 server,
                 database_url,
             } => {
@@ -176,6 +181,7 @@ fn main() -> anyhow::Result<()> {
                     secs,
                     payload,
                     path,
+                    publishers,
                     server,
                     database_url,
                 })
@@ -719,6 +725,7 @@ async fn expiry(
 struct FanoutArgs {
     nodes: usize,
     subscribers: usize,
+    publishers: usize,
     rate: f64,
     secs: f64,
     payload: usize,
@@ -869,32 +876,53 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         .map(|p| cpu_seconds(*p).unwrap_or(0.0))
         .collect();
     let my0 = self_cpu();
-    // Publisher: paced, one kept-alive connection per node, round-robin.
-    let filler = "x".repeat(a.payload);
-    let mut conns = Vec::new();
-    for n in &nodes {
-        conns.push(HttpConn::open(n.addr).await?);
-    }
+    // Publishers: paced (publish `seq` is due at (seq-1)/rate), each with
+    // one kept-alive connection per node, round-robin over the nodes;
+    // publisher j sends the publishes with seq ≡ j (mod publishers).
     let started = Instant::now();
+    let publishers = a.publishers.max(1) as u64;
+    let mut pubs = Vec::new();
+    for j in 0..publishers {
+        let mut conns = Vec::new();
+        for n in &nodes {
+            conns.push(HttpConn::open(n.addr).await?);
+        }
+        let filler = "x".repeat(a.payload);
+        let room = room.to_string();
+        let rate = a.rate;
+        pubs.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut refused = 0u64;
+            for seq in (1 + j..=total_publishes).step_by(publishers as usize) {
+                let due = started + Duration::from_secs_f64((seq - 1) as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let t = chrono::Utc::now().timestamp_micros();
+                let body = format!(
+                    r#"{{"room":"{room}","type":"bench","data":{{"s":{seq},"t":{t},"p":"{filler}"}}}}"#
+                );
+                let n = conns.len();
+                let c = &mut conns[(seq / publishers) as usize % n];
+                match c.post("/api/publish", API_KEY, body).await {
+                    Ok(204) => accepted.push(seq),
+                    other => {
+                        if refused < 3 {
+                            eprintln!("publish {seq} not accepted: {other:?}");
+                        }
+                        refused += 1;
+                    }
+                }
+            }
+            (accepted, refused)
+        }));
+    }
     let mut accepted = vec![false; total_publishes as usize + 1];
     let mut refused = 0u64;
-    for seq in 1..=total_publishes {
-        let due = started + Duration::from_secs_f64((seq - 1) as f64 / a.rate);
-        tokio::time::sleep_until(due.into()).await;
-        let t = chrono::Utc::now().timestamp_micros();
-        let body = format!(
-            r#"{{"room":"{room}","type":"bench","data":{{"s":{seq},"t":{t},"p":"{filler}"}}}}"#
-        );
-        let c = &mut conns[seq as usize % nodes.len()];
-        match c.post("/api/publish", API_KEY, body).await {
-            Ok(204) => accepted[seq as usize] = true,
-            other => {
-                if refused < 3 {
-                    eprintln!("publish {seq} not accepted: {other:?}");
-                }
-                refused += 1;
-            }
+    for p in pubs {
+        let (acc, r) = p.await?;
+        for seq in acc {
+            accepted[seq as usize] = true;
         }
+        refused += r;
     }
     let publish_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -930,12 +958,13 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let server_us = node_cpu * 1e6 / got.max(1) as f64;
     let loadgen_us = my_cpu * 1e6 / got.max(1) as f64;
     println!(
-        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s for {:.1} s, payload {} B, server {}",
+        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s by {} publisher(s) for {:.1} s, payload {} B, server {}",
         a.subscribers,
         a.nodes,
         a.path,
         total_publishes,
         a.rate,
+        publishers,
         publish_secs,
         a.payload,
         bin.file_name().and_then(|n| n.to_str()).unwrap_or("?")
@@ -950,7 +979,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
-               "subscribers": a.subscribers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
+               "subscribers": a.subscribers, "publishers": publishers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
                "deliveries": got, "expected": expected, "per_s": per_s, "lost": lost, "duplicates": dups,
                "refused": refused, "closed_by_server": closes, "latency": pct(&lat), "server_cpu_s": node_cpu,
                "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us})
