@@ -6,9 +6,10 @@
 //!
 //! Concurrency: rooms live in `SHARDS` maps, each behind a `std::sync::RwLock`
 //! (never held across an `.await`). Fan-out takes one shard's read lock just
-//! long enough to copy the room's member list, then writes to each member
-//! with a non-blocking write ([`Outbox::push`]), so it never waits on a
-//! socket. A writer (join/leave) only ever holds one shard lock, and fan-out
+//! long enough to copy the room's member list, queues the frame on each
+//! member, and when the whole batch is queued flushes each socket once with
+//! a non-blocking vectored write ([`Hub::deliver_batch`]), so it never waits
+//! on a socket. A writer (join/leave) only ever holds one shard lock, and fan-out
 //! releases a shard before it takes another, so shards cannot deadlock.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -135,7 +136,8 @@ impl Outbox {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Out> {
-        // Poisoning cannot happen: nothing panics while holding this lock.
+        // Nothing that can fail leaves `Out` half-updated, so a poisoned
+        // lock's state is still sound.
         self.out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
