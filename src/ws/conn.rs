@@ -7,7 +7,7 @@
 //!   becomes writable.
 //! - Reading: frames are decoded by [`frame::decode`] from a buffer that
 //!   exists only while bytes are in hand; an idle socket holds no read
-//!   buffer. `readable()` + `try_read` are cancel-safe, so the read sits in
+//!   buffer. Readiness + `try_read` are cancel-safe, so the read sits in
 //!   the task's `select!` with the close, drain, backlog and ping branches.
 //! - The upgraded connection is taken back as the plain `TcpStream` (hyper's
 //!   `Upgraded::downcast`), so writes need no lock around a split stream and
@@ -277,7 +277,10 @@ impl Session {
                     }
                 }
                 _ = outbox.backlog_appeared(), if !backlog => {}
-                r = stream.readable() => {
+                // The stream's own reader slot (this task is its only
+                // reader): `readable()` would queue a waiter under a lock on
+                // every wait (locations: 16.0–18.6 → 15.2–15.4 µs/position).
+                r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
                     if r.is_err() {
                         return false;
                     }
