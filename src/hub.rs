@@ -79,9 +79,9 @@ impl Closer {
 /// thread (the fan-out loop, the socket's task) with a non-blocking write,
 /// under this socket's lock, when nothing is queued ahead of it: a delivery
 /// is one syscall, with no task wake-up and no channel hop. Only what the
-/// kernel does not take at once (a full send buffer) is queued; the socket's
-/// task flushes that backlog when the socket is writable, in order, with
-/// vectored writes. A backlog longer than `SEND_QUEUE_LEN` frames closes the
+/// kernel does not take at once (a full send buffer) stays queued; the
+/// socket's task flushes that backlog when the socket is writable, in order,
+/// with vectored writes. A backlog longer than `SEND_QUEUE_LEN` frames closes the
 /// socket as a slow consumer. Every write happens under the lock, so frames
 /// never interleave.
 pub struct Outbox {
@@ -145,48 +145,19 @@ impl Outbox {
         self.wire.as_ref()
     }
 
-    /// Sends a frame without waiting: written now when nothing is queued
-    /// ahead, else queued for the socket's task. A backlog over the limit
-    /// closes the socket as a slow consumer: it must not hold up anyone
-    /// else. Returns whether the frame was accepted.
-    pub fn push(&self, frame: Bytes) -> bool {
-        let mut out = self.lock();
-        if out.sealed || self.closer.token().is_cancelled() {
-            return false;
+    /// Sends one frame without waiting: written now when nothing is queued
+    /// ahead, else left behind the frames that are (see [`Outbox::queue`]).
+    pub fn push(&self, frame: Bytes) {
+        if let Queued::First = self.queue(frame) {
+            self.flush_batch();
         }
-        if out.queue.is_empty() {
-            if let Some(wire) = &self.wire {
-                match wire.try_write(&frame) {
-                    Ok(n) if n == frame.len() => return true,
-                    Ok(n) => {
-                        out.partial = n > 0;
-                        out.queue.push_back(frame.slice(n..));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.queue.push_back(frame),
-                    Err(_) => {
-                        drop(out);
-                        self.closer.close(close_code::NORMAL, "");
-                        return false;
-                    }
-                }
-            } else {
-                out.queue.push_back(frame);
-            }
-        } else if out.queue.len() >= self.cap {
-            drop(out);
-            self.slow_consumer();
-            return false;
-        } else {
-            out.queue.push_back(frame);
-        }
-        drop(out);
-        self.backlog.notify_one();
-        true
     }
 
-    /// Queues a frame without writing it: a batch is being delivered, and
-    /// [`Outbox::flush_batch`] then sends this socket its share of the whole
-    /// batch in one write.
+    /// Queues a frame without writing it. `First` makes the caller the one
+    /// who flushes (after the rest of its batch, if any, so a socket gets its
+    /// share of a batch in one write); behind other frames it goes out with
+    /// them. A backlog over the limit closes the socket as a slow consumer:
+    /// it must not hold up anyone else.
     fn queue(&self, frame: Bytes) -> Queued {
         let mut out = self.lock();
         if out.sealed || self.closer.token().is_cancelled() {
@@ -202,8 +173,8 @@ impl Outbox {
         if first { Queued::First } else { Queued::Behind }
     }
 
-    /// Writes what a batch queued; a rest the kernel did not take is left
-    /// to the socket's task.
+    /// Writes what is queued; a rest the kernel did not take is left to the
+    /// socket's task.
     fn flush_batch(&self) {
         match self.flush() {
             Ok(true) => {}

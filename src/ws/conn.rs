@@ -318,6 +318,20 @@ impl Session {
         }
     }
 
+    /// A message over the hard cap: the error saying why, then close 1009
+    /// (the error goes out first: `Some(true)` keeps the queue).
+    fn too_large(&self, size: usize) -> Option<bool> {
+        let e = super::dialect::ProtoError::TooLarge {
+            size,
+            limit: self.app.config.max_frame_bytes,
+        };
+        self.error(e.code(), &e.to_string());
+        self.outbox
+            .closer
+            .close(close_code::MESSAGE_TOO_BIG, "message too big");
+        Some(true)
+    }
+
     /// Handles every whole frame in the read buffer. `Some(keep_queue)` when
     /// the socket is to close.
     async fn process(&mut self, inbound: &mut Inbound) -> Option<bool> {
@@ -327,15 +341,7 @@ impl Session {
                 Ok(Some(f)) => f,
                 Ok(None) => return None,
                 Err(DecodeError::TooLarge(size)) => {
-                    let e = super::dialect::ProtoError::TooLarge {
-                        size: usize::try_from(size).unwrap_or(usize::MAX),
-                        limit: max,
-                    };
-                    self.error(e.code(), &e.to_string());
-                    self.outbox
-                        .closer
-                        .close(close_code::MESSAGE_TOO_BIG, "message too big");
-                    return Some(true);
+                    return self.too_large(usize::try_from(size).unwrap_or(usize::MAX));
                 }
                 Err(DecodeError::Protocol(why)) => {
                     self.error("bad_frame", why);
@@ -369,15 +375,7 @@ impl Session {
                     };
                     buf.extend_from_slice(&frame.payload);
                     if buf.len() > hard_cap(max) {
-                        let e = super::dialect::ProtoError::TooLarge {
-                            size: buf.len(),
-                            limit: max,
-                        };
-                        self.error(e.code(), &e.to_string());
-                        self.outbox
-                            .closer
-                            .close(close_code::MESSAGE_TOO_BIG, "message too big");
-                        return Some(true);
+                        return self.too_large(buf.len());
                     }
                     if !frame.fin {
                         inbound.partial = Some((text, buf));
