@@ -2,55 +2,13 @@
 //! sockets, on SQLite and PostgreSQL.
 
 mod common;
+mod support;
 
 use std::time::Duration;
 
 use common::*;
-use serde_json::{Value, json};
-
-pub const PICKUP: (f64, f64) = (41.311081, 69.240562);
-
-pub async fn locate(node: &TestNode, token: &str, lat: f64, lon: f64) {
-    let (s, b) = http(
-        node.addr,
-        "POST",
-        "/api/driver/location",
-        &[("authorization", &format!("Bearer {token}"))],
-        Some(json!({"latitude": lat, "longitude": lon})),
-    )
-    .await;
-    assert_eq!(s, 204, "{b}");
-}
-
-pub async fn create_order(node: &TestNode, token: &str, body: Value) -> Value {
-    let (s, b) = http(
-        node.addr,
-        "POST",
-        "/api/orders",
-        &[("authorization", &format!("Bearer {token}"))],
-        Some(body),
-    )
-    .await;
-    assert_eq!(s, 201, "{b}");
-    b
-}
-
-pub async fn call(
-    node: &TestNode,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    http(
-        node.addr,
-        method,
-        path,
-        &[("authorization", &format!("Bearer {token}"))],
-        body,
-    )
-    .await
-}
+use serde_json::json;
+use support::{PICKUP, call, create_order, locate};
 
 async fn two_node_flow(db: TestDb) {
     let redis = RedisServer::start();
@@ -67,13 +25,13 @@ async fn two_node_flow(db: TestDb) {
     let (ta, tb) = (driver(101, 1), driver(102, 1));
     let mut da = connect_ready(a.addr, "/ws/driver/orders/", &ta).await;
     let mut db_ = connect_ready(b.addr, &format!("/ws/driver/orders/{tb}"), "").await;
-    locate(&a, &ta, PICKUP.0 + 0.005, PICKUP.1).await;
-    locate(&b, &tb, PICKUP.0 + 0.02, PICKUP.1).await;
+    locate(a.addr, &ta, PICKUP.0 + 0.005, PICKUP.1).await;
+    locate(b.addr, &tb, PICKUP.0 + 0.02, PICKUP.1).await;
     let mut admin_ws = connect_ready(a.addr, "/ws", &admin()).await;
     let mut creator = connect_ready(b.addr, "/", &user(4)).await;
 
     let order = create_order(
-        &b,
+        b.addr,
         &user(4),
         json!({"city_id": 1, "order_type": "pickup", "address_from": "A", "address_to": "B",
                "latitude_from": PICKUP.0, "longitude_from": PICKUP.1,
@@ -107,7 +65,7 @@ async fn two_node_flow(db: TestDb) {
 
     // Accepting an expired offer is a 409 with the error body.
     let (s, body) = call(
-        &a,
+        a.addr,
         "POST",
         &format!("/api/driver/orders/{id}/accept"),
         &ta,
@@ -118,7 +76,7 @@ async fn two_node_flow(db: TestDb) {
     assert_eq!(body["error"]["code"], "conflict");
 
     let (s, accepted) = call(
-        &a,
+        a.addr,
         "POST",
         &format!("/api/driver/orders/{id}/accept"),
         &tb,
@@ -159,10 +117,10 @@ async fn decline_passes_at_once(db: TestDb) {
     let (ta, tb) = (driver(201, 1), driver(202, 1));
     let mut da = connect_ready(n.addr, "/ws/driver/orders/", &ta).await;
     let mut db_ = connect_ready(n.addr, "/ws/driver/orders/", &tb).await;
-    locate(&n, &ta, PICKUP.0 + 0.001, PICKUP.1).await;
-    locate(&n, &tb, PICKUP.0 + 0.01, PICKUP.1).await;
+    locate(n.addr, &ta, PICKUP.0 + 0.001, PICKUP.1).await;
+    locate(n.addr, &tb, PICKUP.0 + 0.01, PICKUP.1).await;
     let order = create_order(
-        &n,
+        n.addr,
         &admin(),
         json!({"city_id": 1, "user_id": 9, "latitude_from": PICKUP.0, "longitude_from": PICKUP.1}),
     )
@@ -170,12 +128,12 @@ async fn decline_passes_at_once(db: TestDb) {
     let id = order["id"].as_i64().unwrap();
     assert_eq!(da.recv_type("new_order").await["order"]["id"], id);
     // The poll lists the open offer.
-    let (s, polled) = call(&n, "GET", "/api/driver/orders", &ta, None).await;
+    let (s, polled) = call(n.addr, "GET", "/api/driver/orders", &ta, None).await;
     assert_eq!(s, 200);
     assert_eq!(polled["items"][0]["id"], id);
     assert!(polled["items"][0]["offer_expires_at"].is_string());
     let (s, _) = call(
-        &n,
+        n.addr,
         "POST",
         &format!("/api/driver/orders/{id}/decline"),
         &ta,
