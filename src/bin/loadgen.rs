@@ -66,32 +66,7 @@ enum Cmd {
         database_url: Option<String>,
     },
     /// Fan-out through Redis: S subscribers over N nodes, publishes at R/s.
-    Fanout {
-        #[arg(long, default_value_t = 2)]
-        nodes: usize,
-        #[arg(long, default_value_t = 1000)]
-        subscribers: usize,
-        /// Publishes per second (deliveries/s = rate × subscribers).
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        #[arg(long, default_value_t = 10.0)]
-        secs: f64,
-        /// Bytes of filler in each payload.
-        #[arg(long, default_value_t = 100)]
-        payload: usize,
-        /// Endpoint the subscribers use: /ws (events), / (rooms), driver.
-        #[arg(long, default_value = "/ws")]
-        path: String,
-        /// Publisher tasks, each with its own connection to every node and
-        /// one request in flight; together they keep to `rate`.
-        #[arg(long, default_value_t = 1)]
-        publishers: usize,
-        /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
-        #[arg(long)]
-        server: Option<PathBuf>,
-        #[arg(long)]
-        database_url: Option<String>,
-    },
+    Fanout(FanoutArgs),
     /// Idle sockets: RSS and CPU per socket.
     Connections {
         #[arg(long, default_value_t = 3)]
@@ -163,30 +138,7 @@ fn main() -> anyhow::Result<()> {
                 timeout_secs,
                 database_url,
             } => expiry(nodes, offers, timeout_secs, database_url).await,
-            Cmd::Fanout {
-                nodes,
-                subscribers,
-                rate,
-                secs,
-                payload,
-                path,
-                publishers,
-                server,
-                database_url,
-            } => {
-                fanout(FanoutArgs {
-                    nodes,
-                    subscribers,
-                    rate,
-                    secs,
-                    payload,
-                    path,
-                    publishers,
-                    server,
-                    database_url,
-                })
-                .await
-            }
+            Cmd::Fanout(args) => fanout(args).await,
             Cmd::Connections {
                 nodes,
                 sockets,
@@ -722,15 +674,31 @@ async fn expiry(
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct FanoutArgs {
+    #[arg(long, default_value_t = 2)]
     nodes: usize,
+    #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    publishers: usize,
+    /// Publishes per second (deliveries/s = rate × subscribers).
+    #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    #[arg(long, default_value_t = 10.0)]
     secs: f64,
+    /// Bytes of filler in each payload.
+    #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// Endpoint the subscribers use: /ws (events), / (rooms), driver.
+    #[arg(long, default_value = "/ws")]
     path: String,
+    /// Publisher tasks, each with its own connection to every node and
+    /// one request in flight; together they keep to `rate`.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
+    #[arg(long)]
     server: Option<PathBuf>,
+    #[arg(long)]
     database_url: Option<String>,
 }
 
