@@ -87,11 +87,6 @@ impl Identity {
         }
         self.auto_rooms().iter().any(|r| r == name)
     }
-
-    /// Whether this identity may see events of `city_id`.
-    pub fn manages_city(&self, city_id: i64) -> bool {
-        self.role == Role::Manager && self.city_ids.contains(&city_id)
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -72,7 +72,83 @@ pub fn now_us() -> i64 {
 
 /// ISO 8601 UTC with milliseconds, as the seeds print timestamps.
 pub fn iso_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    iso(&chrono::Utc::now())
+}
+
+/// `t` as RFC 3339 UTC with milliseconds (`2026-11-30T10:00:00.000Z`): the
+/// one timestamp format of every dialect and the HTTP API.
+pub fn iso(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A number given as a JSON number or a decimal string (seed 001 sends
+/// coordinates as strings); `None` when it is neither, or not finite.
+pub fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|f| f.is_finite())
+}
+
+/// Whether a latitude/longitude pair is one Redis GEO can index (latitudes
+/// beyond ±85.05 are outside its projection).
+pub fn valid_point(latitude: f64, longitude: f64) -> bool {
+    (-85.05..=85.05).contains(&latitude) && (-180.0..=180.0).contains(&longitude)
+}
+
+/// A driver's reported position, validated once wherever it arrives (socket,
+/// HTTP): coordinates in range, heading and speed finite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Position {
+    latitude: f64,
+    longitude: f64,
+    heading: Option<f64>,
+    speed: Option<f64>,
+}
+
+/// Why a position was refused; the message is the client's error text.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PositionError {
+    #[error("latitude must be within ±85.05 and longitude within ±180")]
+    OutOfRange,
+    #[error("heading and speed must be finite numbers")]
+    NotFinite,
+}
+
+impl Position {
+    pub fn new(
+        latitude: f64,
+        longitude: f64,
+        heading: Option<f64>,
+        speed: Option<f64>,
+    ) -> Result<Position, PositionError> {
+        if !(latitude.is_finite() && longitude.is_finite() && valid_point(latitude, longitude)) {
+            return Err(PositionError::OutOfRange);
+        }
+        if heading.is_some_and(|h| !h.is_finite()) || speed.is_some_and(|s| !s.is_finite()) {
+            return Err(PositionError::NotFinite);
+        }
+        Ok(Position {
+            latitude,
+            longitude,
+            heading,
+            speed,
+        })
+    }
+    pub fn latitude(&self) -> f64 {
+        self.latitude
+    }
+    pub fn longitude(&self) -> f64 {
+        self.longitude
+    }
+    pub fn heading(&self) -> Option<f64> {
+        self.heading
+    }
+    pub fn speed(&self) -> Option<f64> {
+        self.speed
+    }
 }
 
 /// Everything switchboard tells clients about. Orders travel as the JSON

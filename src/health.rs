@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
+use crate::app::App;
 use crate::metrics as m;
-use crate::node::App;
+use crate::redis_conn::RedisError;
 
 const PERIOD: Duration = Duration::from_secs(1);
 /// A node missing this many heartbeats drops out of `/api/stats`.
@@ -29,7 +30,7 @@ pub async fn run(app: Arc<App>) {
 
 pub async fn check_once(app: &App) {
     let db_ok = matches!(
-        timeout(Duration::from_secs(2), app.db.ping()).await,
+        timeout(Duration::from_secs(2), app.ctx.db.ping()).await,
         Ok(Ok(()))
     );
     if app.health.db_ok.swap(db_ok, Ordering::Relaxed) != db_ok {
@@ -39,7 +40,7 @@ pub async fn check_once(app: &App) {
         let start = Instant::now();
         let ok = timeout(Duration::from_secs(2), heartbeat(app, pool))
             .await
-            .map_err(|_| "timed out".to_string())
+            .map_err(|_| RedisError::Timeout)
             .and_then(|r| r);
         metrics::histogram!(m::REDIS_DURATION, "op" => "heartbeat")
             .record(start.elapsed().as_secs_f64());
@@ -62,8 +63,11 @@ fn report(what: &str, ok: bool) {
     }
 }
 
-async fn heartbeat(app: &App, pool: &deadpool_redis::Pool) -> Result<(), String> {
-    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+async fn heartbeat(app: &App, pool: &deadpool_redis::Pool) -> Result<(), RedisError> {
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|e| RedisError::Pool(e.to_string()))?;
     let prefix = &app.config.redis_prefix;
     let id = &app.config.node_id;
     redis::pipe()
@@ -77,5 +81,5 @@ async fn heartbeat(app: &App, pool: &deadpool_redis::Pool) -> Result<(), String>
         .ignore()
         .exec_async(&mut conn)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| RedisError::Command(e.to_string()))
 }

@@ -1,30 +1,45 @@
 //! switchboard: a horizontally scaled real-time server for order and driver
 //! dispatch, speaking three WebSocket dialects on one port.
 //!
-//! Code map (ARCHITECTURE.md has the full tour):
-//! - [`config`] every setting, validated once; [`auth`] JWT → identity, rooms.
-//! - [`event`] the canonical event; [`ws::dialect`] renders it per dialect.
-//! - [`hub`] this node's sockets and local fan-out; [`broker`] carries events
-//!   between nodes (memory or Redis); [`ws`] upgrade and per-socket tasks.
-//! - [`domain`] orders and bonuses; [`dispatch`] drivers, offers, deadlines.
-//! - [`http`] the HTTP API; [`store`] the database; [`health`] readiness.
-//! - [`node`] wires it together: `Node::start(config)` and the drain.
+//! What an embedder uses: [`Node::start`] with a [`Config`], [`migrate`],
+//! [`auth`] to mint and check tokens, [`event`] to publish, [`broker`] (the
+//! seam between nodes), [`ws::dialect`] (the pure wire translations) and
+//! [`metrics`] (every metric name). Everything else is crate-private.
+//!
+//! Layers point one way (ARCHITECTURE.md; `tests/layering.rs` enforces it):
+//! - edges: [`node`] wires everything and owns the drain; `http` the API;
+//!   `ws` endpoints and the socket task; `health`; `app` the edges' state.
+//! - rules: `domain` (orders, bonuses, sync; `Ctx`, `DomainError`) and
+//!   `dispatch` (drivers, offers, deadlines).
+//! - infrastructure: `hub` (this node's sockets), [`broker`], `store` (the
+//!   database), `dispatch::index`, `dispatch::clock`, `redis_conn`, [`auth`],
+//!   `ws::outbox`.
+//! - leaves: [`event`], [`config`], [`metrics`], [`ws::dialect`],
+//!   `ws::frame`, `lock`.
 
+mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
-pub mod dispatch;
-pub mod domain;
+mod dispatch;
+mod domain;
 pub mod event;
-pub mod health;
-pub mod http;
-pub mod hub;
+mod health;
+mod http;
+mod hub;
+mod lock;
 pub mod metrics;
 pub mod node;
-pub mod store;
-#[doc(hidden)]
-pub mod testkit;
+mod redis_conn;
+mod store;
 pub mod ws;
 
 pub use config::Config;
-pub use node::Node;
+pub use node::{Node, StartError};
+pub use redis_conn::{RedisError, pool as redis_pool};
+pub use store::StoreError;
+
+/// Runs the database migrations alone (`switchboard migrate`).
+pub async fn migrate(database_url: &str) -> Result<(), store::StoreError> {
+    store::migrate(database_url).await
+}

@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::Token(t)) => token(t),
         Some(Cmd::Migrate { database_url }) => {
             telemetry();
-            rt.block_on(switchboard::store::migrate(&database_url))?;
+            rt.block_on(switchboard::migrate(&database_url))?;
             println!("migrations applied");
             Ok(())
         }
@@ -131,25 +131,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let sig = wait_for_signal().await;
     let started = std::time::Instant::now();
-    let app = node.app().clone();
-    if sig == Signal::Term && !app.config.drain_delay.is_zero() {
+    let config = node.config().clone();
+    if sig == Signal::Term && !config.drain_delay.is_zero() {
         // Unready first, still serving: `/readyz` answers 503 so a load
         // balancer that routes by readiness stops sending clients here before
         // the sockets are told to reconnect elsewhere (1012). SIGINT (Ctrl-C)
         // or a second signal skips the wait.
-        app.health
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        metrics::gauge!(switchboard::metrics::READY).set(0.0);
-        tracing::info!(delay = ?app.config.drain_delay, "SIGTERM: unready, draining after the delay");
+        node.mark_unready();
+        tracing::info!(delay = ?config.drain_delay, "SIGTERM: unready, draining after the delay");
         tokio::select! {
-            _ = tokio::time::sleep(app.config.drain_delay) => {}
+            _ = tokio::time::sleep(config.drain_delay) => {}
             _ = wait_for_signal() => {}
         }
     }
     tracing::info!("draining");
     // The whole shutdown, delay included, fits in SHUTDOWN_GRACE_SECS.
-    let left = app.config.shutdown_grace.saturating_sub(started.elapsed());
+    let left = config.shutdown_grace.saturating_sub(started.elapsed());
     if tokio::time::timeout(left, node.stop()).await.is_err() {
         tracing::warn!("grace period over: exiting with connections still open");
     }
@@ -188,8 +185,7 @@ async fn wait_for_signal() -> Signal {
 /// Embedded dev mode: the secret was made up at start, so print tokens that
 /// work against this process (never the secret itself).
 fn print_dev_banner(node: &switchboard::Node) -> anyhow::Result<()> {
-    let app = node.app();
-    let v = &app.verifier;
+    let v = node.verifier();
     let day = 86400;
     let admin = v.mint(claims_for(Role::Admin, 1, &[], None), day)?;
     let manager = v.mint(claims_for(Role::Manager, 2, &[1], None), day)?;
@@ -201,7 +197,7 @@ fn print_dev_banner(node: &switchboard::Node) -> anyhow::Result<()> {
     } else {
         node.addr().ip().to_string()
     };
-    let key = app.dev_api_key.clone().unwrap_or_default();
+    let key = node.dev_api_key().unwrap_or_default();
     println!(
         "\nswitchboard dev mode: JWT secret generated for this run (tokens valid 24 h)\n\
          \n  admin   (sub 1)           {admin}\

@@ -1,37 +1,35 @@
 //! Wires the seams together and owns the node's life: start, readiness,
 //! drain on shutdown.
 //!
-//! [`App`] is the state every request and socket shares. [`Node::start`]
-//! builds it from a [`Config`], binds the listener and returns; tests start
-//! several nodes in one process this way.
+//! [`Node::start`] builds the rules' [`Ctx`] and the edges' [`App`] from a
+//! [`Config`], binds the listener and returns; tests start several nodes in
+//! one process this way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::PrometheusHandle;
-use sea_orm::DatabaseConnection;
-use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Identity, Verifier};
+use crate::app::{App, Health};
+use crate::auth::Verifier;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::{AnyBroker, Broker, BrokerError, Sink};
+use crate::broker::{AnyBroker, Broker, BrokerError};
 use crate::config::Config;
 use crate::dispatch::clock::{AnyClock, MemoryClock, RedisClock};
 use crate::dispatch::index::{AnyIndex, MemoryIndex, RedisIndex};
+use crate::domain::{Ctx, Rules};
 use crate::event::{Event, iso_now};
-use crate::http::ApiError;
-use crate::hub::{ConnId, Hub, Outbox};
+use crate::hub::Hub;
 use crate::metrics as m;
-use crate::ws::dialect::Location;
+use crate::redis_conn::RedisError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -42,124 +40,12 @@ pub enum StartError {
     },
     #[error("database: {0}")]
     Db(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Redis(#[from] RedisError),
     #[error("redis: {0}")]
-    Redis(String),
+    RedisUrl(String),
     #[error("jwt: {0}")]
     Jwt(String),
-}
-
-impl Sink for Hub {
-    fn deliver(&self, room: &str, event: &Event) {
-        Hub::deliver(self, room, event)
-    }
-    fn deliver_batch(&self, batch: &[(String, Event)]) {
-        Hub::deliver_batch(self, batch.iter().map(|(r, e)| (r.as_str(), e)))
-    }
-    fn wants(&self, room: &str) -> bool {
-        self.has_room(room)
-    }
-    fn rooms(&self) -> Vec<String> {
-        Hub::rooms(self)
-    }
-}
-
-/// What readiness is made of; refreshed by the health task every second and
-/// at once when the broker loses Redis.
-#[derive(Default)]
-pub struct Health {
-    pub redis_ok: AtomicBool,
-    pub db_ok: AtomicBool,
-    pub draining: AtomicBool,
-}
-
-/// The state shared by every request and socket of one node.
-pub struct App {
-    pub config: Config,
-    pub hub: Arc<Hub>,
-    pub broker: AnyBroker,
-    pub drivers: AnyIndex,
-    pub offers: AnyClock,
-    pub verifier: Verifier,
-    pub redis: Option<deadpool_redis::Pool>,
-    pub db: DatabaseConnection,
-    /// Cancelled when the drain starts: stop accepting, close sockets 1012.
-    pub drain: CancellationToken,
-    /// Cancelled when the drain is over: background tasks stop.
-    pub stop: CancellationToken,
-    /// Every connection task, so the drain can wait for them.
-    pub tracker: TaskTracker,
-    pub health: Health,
-    pub metrics: PrometheusHandle,
-    pub started_at: String,
-    /// A key for `/api/publish` made up in dev mode (no `API_KEYS`).
-    pub dev_api_key: Option<String>,
-    next_conn: AtomicU64,
-}
-
-impl App {
-    pub fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Whether order changes are written to the sync outbox (`SYNC_URL` set).
-    pub fn sync_on(&self) -> bool {
-        self.config.sync_url.is_some()
-    }
-
-    pub fn is_ready(&self) -> bool {
-        !self.health.draining.load(Ordering::Relaxed)
-            && self.health.db_ok.load(Ordering::Relaxed)
-            && (self.redis.is_none()
-                || (self.health.redis_ok.load(Ordering::Relaxed) && self.broker.is_healthy()))
-    }
-
-    /// Adds a socket to a room; resolves once the room is live cluster-wide.
-    pub async fn join(&self, outbox: &Arc<Outbox>, room: &str) -> Result<(), BrokerError> {
-        self.hub.add(room, outbox);
-        self.broker.reconcile(room).await
-    }
-
-    /// Removes a socket from a room; the last local member out unsubscribes
-    /// the node (in the background: nobody waits for it).
-    pub fn leave(self: &Arc<Self>, id: ConnId, room: &str) {
-        if self.hub.remove(room, id) {
-            let app = self.clone();
-            let room = room.to_string();
-            tokio::spawn(async move {
-                let _ = app.broker.reconcile(&room).await;
-            });
-        }
-    }
-
-    /// Publishes an event to its rooms on every node.
-    pub async fn publish(&self, event: Event) -> Result<(), ApiError> {
-        self.broker
-            .publish(Arc::new(event))
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))
-    }
-
-    /// A driver's open offers for `initial_orders`.
-    pub async fn initial_orders(&self, identity: &Identity) -> Result<Vec<Value>, ApiError> {
-        crate::dispatch::open_offers(self, identity).await
-    }
-
-    /// A driver reported its position over its socket.
-    pub async fn driver_location(&self, id: &Identity, loc: Location) -> Result<(), ApiError> {
-        crate::dispatch::driver_location(self, id, loc).await
-    }
-
-    /// This node's line of `/api/stats`.
-    pub fn node_stats(&self) -> Value {
-        json!({
-            "node_id": self.config.node_id,
-            "sockets": self.hub.socket_count(),
-            "rooms": self.hub.room_count(),
-            "messages_out": self.hub.frames_out(),
-            "started_at": self.started_at,
-            "last_seen": iso_now(),
-        })
-    }
 }
 
 /// A running node.
@@ -187,8 +73,8 @@ impl Node {
             ),
             Some(url) => {
                 let client = redis::Client::open(url.as_str())
-                    .map_err(|e| StartError::Redis(e.to_string()))?;
-                let pool = crate::store::redis_pool(url).map_err(StartError::Redis)?;
+                    .map_err(|e| StartError::RedisUrl(e.to_string()))?;
+                let pool = crate::redis_conn::pool(url)?;
                 let broker = RedisBroker::start(
                     client,
                     pool.clone(),
@@ -232,15 +118,19 @@ impl Node {
             let n: u128 = rand::rng().random();
             format!("dev-{n:032x}")
         });
-        let app = Arc::new(App {
-            config,
-            hub,
+        let ctx = Arc::new(Ctx {
+            db,
             broker,
             drivers,
             offers,
+            rules: Rules::from_config(&config),
+        });
+        let app = Arc::new(App {
+            config,
+            ctx: ctx.clone(),
+            hub,
             verifier,
             redis,
-            db,
             drain: CancellationToken::new(),
             stop,
             tracker: TaskTracker::new(),
@@ -252,15 +142,15 @@ impl Node {
         });
         crate::health::check_once(&app).await;
         tokio::spawn(crate::health::run(app.clone()));
-        match crate::dispatch::reseed(&app).await {
+        match crate::dispatch::reseed(&ctx).await {
             Ok(n) if n > 0 => tracing::info!(offers = n, "re-seeded open offer deadlines"),
             Ok(_) => {}
             // The clock's database sweep catches these up once Redis is back.
             Err(e) => tracing::warn!(error = %e, "could not re-seed offer deadlines"),
         }
-        tokio::spawn(crate::dispatch::run_clock(app.clone()));
-        if app.sync_on() {
-            tokio::spawn(crate::domain::sync::run(app.clone()));
+        tokio::spawn(crate::dispatch::run_clock(ctx.clone(), app.stop.clone()));
+        if ctx.sync_on() {
+            tokio::spawn(crate::domain::sync::run(ctx.clone(), app.stop.clone()));
         }
         let done = tokio::spawn(serve(listener, app.clone()));
         tracing::info!(%addr, node_id = %app.config.node_id, mode = if app.redis.is_some() { "cluster" } else { "embedded" }, "switchboard listening");
@@ -271,15 +161,53 @@ impl Node {
         self.addr
     }
 
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
+    pub fn config(&self) -> &Config {
+        &self.app.config
+    }
+
+    /// The token verifier (and, in dev mode, minter) this node runs with.
+    pub fn verifier(&self) -> &Verifier {
+        &self.app.verifier
+    }
+
+    /// The `/api/publish` key made up in dev mode (no `API_KEYS`, no
+    /// `JWT_SECRET`); `None` otherwise.
+    pub fn dev_api_key(&self) -> Option<&str> {
+        self.app.dev_api_key.as_deref()
+    }
+
+    /// Publishes an event to its rooms on every node (what `/api/publish`
+    /// does, for an embedder).
+    pub async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        self.app.ctx.broker.publish(Arc::new(event)).await
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.app.is_ready()
+    }
+
+    /// Open sockets on this node.
+    pub fn socket_count(&self) -> usize {
+        self.app.hub.socket_count()
+    }
+
+    /// Hands `event` to this node's sockets in `room` as if the broker had
+    /// delivered it (no other node hears it).
+    pub fn deliver_local(&self, room: &str, event: &Event) {
+        self.app.hub.deliver(room, event)
+    }
+
+    /// Readiness goes false at once while the node keeps serving (the
+    /// SIGTERM delay before [`Node::shutdown`]).
+    pub fn mark_unready(&self) {
+        self.app.mark_unready();
     }
 
     /// Starts the drain: readiness goes false at once, no new connections,
     /// sockets get their queued frames and then close 1012.
     pub fn shutdown(&self) {
-        self.app.health.draining.store(true, Ordering::Relaxed);
-        metrics::gauge!(m::READY).set(0.0);
+        self.app.mark_unready();
         self.app.drain.cancel();
     }
 

@@ -1,5 +1,8 @@
 //! The dispatcher: the nearest available driver not yet tried gets an
 //! offer; deadlines live in the [`OfferClock`]; expiry passes the order on.
+//! A rule module like `domain`'s services, below them: it takes the same
+//! [`Ctx`] and uses `domain::model` for the order's shape, never the
+//! order services (which call it).
 //!
 //! Exactly-once: an offer leaves `open` through one conditional UPDATE
 //! (`store::end_offer`), and only the caller that made that change sends
@@ -15,35 +18,23 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::Value;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::auth::Identity;
-use crate::domain::orders::{self, ASSIGNABLE, order_json, pickup};
-use crate::event::{Event, EventKind, iso_now, room};
-use crate::http::ApiError;
+use crate::domain::model::{ASSIGNABLE, awaits_driver, offer_json, pickup, updated_event};
+use crate::domain::{Ctx, DomainError};
+use crate::event::{Event, EventKind, Position, iso, iso_now, room};
 use crate::metrics as m;
-use crate::node::App;
 use crate::store::{self, Offer, Order};
-use crate::ws::dialect::Location;
 use clock::OfferClock;
-use index::DriverIndex;
+use index::{DriverIndex, Nearby};
 
 pub const EXPIRED_MESSAGE: &str = "Order expired or reassigned to another driver";
 
-impl From<index::IndexError> for ApiError {
-    fn from(e: index::IndexError) -> Self {
-        ApiError::Unavailable(e.to_string())
-    }
-}
-
-impl From<clock::ClockError> for ApiError {
-    fn from(e: clock::ClockError) -> Self {
-        ApiError::Unavailable(e.to_string())
-    }
-}
-
 /// When an offer made now expires.
-fn offer_deadline(app: &App) -> chrono::DateTime<Utc> {
+fn offer_deadline(ctx: &Ctx) -> chrono::DateTime<Utc> {
     Utc::now()
-        + chrono::Duration::from_std(app.config.offer_timeout).unwrap_or(chrono::Duration::MAX)
+        + chrono::Duration::from_std(ctx.rules.offer_timeout).unwrap_or(chrono::Duration::MAX)
 }
 
 /// Distance from a driver's position to the order's pickup point, when both are known.
@@ -57,42 +48,35 @@ fn deadline_ms(o: &Offer) -> i64 {
     o.expires_at.timestamp_millis()
 }
 
-/// The order JSON of an offer, with the driver's distance to pickup.
-pub fn offer_json(order: &Order, distance_km: f64) -> Value {
-    let mut v = order_json(order);
-    v["distance_to_pickup_km"] = serde_json::json!((distance_km * 100.0).round() / 100.0);
-    v
-}
-
 /// Offers the order to the nearest available driver not yet tried. Returns
 /// the offer made, or `None` (no pickup point, not dispatchable, already
 /// offered, or nobody left within the radius — admins then get
 /// ORDER_UPDATED).
-pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiError> {
+pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainError> {
     let start = Instant::now();
-    let Some(order) = store::get_order(&app.db, order_id).await? else {
+    let Some(order) = store::get_order(&ctx.db, order_id).await? else {
         return Ok(None);
     };
-    if !ASSIGNABLE.contains(&order.status.as_str()) || order.driver_id.is_some() {
+    if !awaits_driver(&order) {
         return Ok(None);
     }
     let Some((lat, lon)) = pickup(&order) else {
         return Ok(None);
     };
-    if store::open_offer_of_order(&app.db, order_id)
+    if store::open_offer_of_order(&ctx.db, order_id)
         .await?
         .is_some()
     {
         return Ok(None);
     }
-    let tried = store::offered_drivers(&app.db, order_id).await?;
-    let near = app
+    let tried = store::offered_drivers(&ctx.db, order_id).await?;
+    let near = ctx
         .drivers
         .nearest(
             lat,
             lon,
-            app.config.dispatch_radius_km,
-            app.config.driver_stale,
+            ctx.rules.dispatch_radius_km,
+            ctx.rules.driver_stale,
             32,
         )
         .await?;
@@ -101,11 +85,11 @@ pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiErro
         .filter(|n| !tried.contains(&n.driver_id))
         .collect();
     let ids: Vec<i64> = candidates.iter().map(|c| c.driver_id).collect();
-    let busy = store::unavailable_drivers(&app.db, &ids).await?;
+    let busy = store::unavailable_drivers(&ctx.db, &ids).await?;
     for c in candidates.iter().filter(|c| !busy.contains(&c.driver_id)) {
-        let expires = offer_deadline(app);
+        let expires = offer_deadline(ctx);
         match store::create_offer(
-            &app.db,
+            &ctx.db,
             order_id,
             c.driver_id,
             c.distance_km,
@@ -115,7 +99,7 @@ pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiErro
         .await?
         {
             Some(offer) => {
-                make_offer(app, &order, &offer).await?;
+                make_offer(ctx, &order, &offer).await?;
                 metrics::histogram!(m::DISPATCH_DURATION).record(start.elapsed().as_secs_f64());
                 return Ok(Some(offer));
             }
@@ -123,15 +107,14 @@ pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiErro
             // another node offered this order first, or it was deleted or
             // taken: then stop here.
             None => {
-                if store::open_offer_of_order(&app.db, order_id)
+                if store::open_offer_of_order(&ctx.db, order_id)
                     .await?
                     .is_some()
                 {
                     return Ok(None);
                 }
-                match store::get_order(&app.db, order_id).await? {
-                    Some(o) if ASSIGNABLE.contains(&o.status.as_str()) && o.driver_id.is_none() => {
-                    }
+                match store::get_order(&ctx.db, order_id).await? {
+                    Some(o) if awaits_driver(&o) => {}
                     _ => return Ok(None),
                 }
             }
@@ -139,17 +122,17 @@ pub async fn dispatch(app: &App, order_id: i64) -> Result<Option<Offer>, ApiErro
     }
     metrics::histogram!(m::DISPATCH_DURATION).record(start.elapsed().as_secs_f64());
     metrics::counter!(m::OFFERS, "outcome" => "no_driver").increment(1);
-    orders::emit_updated(app, &order, Vec::new(), None).await?;
+    ctx.publish(updated_event(&order, Vec::new(), None)).await?;
     Ok(None)
 }
 
 /// Schedules the deadline and tells the driver.
-async fn make_offer(app: &App, order: &Order, offer: &Offer) -> Result<(), ApiError> {
-    app.offers.schedule(offer.id, deadline_ms(offer)).await?;
+async fn make_offer(ctx: &Ctx, order: &Order, offer: &Offer) -> Result<(), DomainError> {
+    ctx.offers.schedule(offer.id, deadline_ms(offer)).await?;
     metrics::counter!(m::OFFERS, "outcome" => "made").increment(1);
     let mut order = offer_json(order, offer.distance_km);
-    order["offer_expires_at"] = Value::String(orders::iso(&offer.expires_at));
-    app.publish(Event::new(
+    order["offer_expires_at"] = Value::String(iso(&offer.expires_at));
+    ctx.publish(Event::new(
         vec![room::driver(offer.driver_id)],
         EventKind::OfferMade { order },
     ))
@@ -158,8 +141,8 @@ async fn make_offer(app: &App, order: &Order, offer: &Offer) -> Result<(), ApiEr
 
 /// `order_timeout` to the driver whose offer ended, then the deadline is
 /// dropped (after the message: the driver hears first).
-pub async fn offer_ended(app: &App, offer: &Offer, message: &str) -> Result<(), ApiError> {
-    let sent = app
+pub async fn offer_ended(ctx: &Ctx, offer: &Offer, message: &str) -> Result<(), DomainError> {
+    let sent = ctx
         .publish(Event::new(
             vec![room::driver(offer.driver_id)],
             EventKind::OfferEnded {
@@ -168,163 +151,188 @@ pub async fn offer_ended(app: &App, offer: &Offer, message: &str) -> Result<(), 
             },
         ))
         .await;
-    let _ = app.offers.cancel(offer.id).await;
+    let _ = ctx.offers.cancel(offer.id).await;
     sent
 }
 
 /// Expires an offer if it is still open: `order_timeout` to its driver,
 /// then the next driver gets the order. Safe to call from any node, any
 /// number of times.
-pub async fn expire(app: &App, offer_id: i64) -> Result<bool, ApiError> {
-    let Some(offer) = store::end_offer(&app.db, offer_id, "expired").await? else {
+pub async fn expire(ctx: &Ctx, offer_id: i64) -> Result<bool, DomainError> {
+    let Some(offer) = store::end_offer(&ctx.db, offer_id, "expired").await? else {
         return Ok(false);
     };
     metrics::counter!(m::OFFERS, "outcome" => "expired").increment(1);
-    offer_ended(app, &offer, EXPIRED_MESSAGE).await?;
-    dispatch(app, offer.order_id).await?;
+    offer_ended(ctx, &offer, EXPIRED_MESSAGE).await?;
+    dispatch(ctx, offer.order_id).await?;
     Ok(true)
 }
 
 /// Ends the order's open offers (cancel or delete).
-pub async fn cancel_offers(app: &App, order_id: i64, message: &str) -> Result<(), ApiError> {
-    if let Some(open) = store::open_offer_of_order(&app.db, order_id).await?
-        && let Some(offer) = store::end_offer(&app.db, open.id, "cancelled").await?
+pub async fn cancel_offers(ctx: &Ctx, order_id: i64, message: &str) -> Result<(), DomainError> {
+    if let Some(open) = store::open_offer_of_order(&ctx.db, order_id).await?
+        && let Some(offer) = store::end_offer(&ctx.db, open.id, "cancelled").await?
     {
-        offer_ended(app, &offer, message).await?;
+        offer_ended(ctx, &offer, message).await?;
     }
     Ok(())
 }
 
 /// An admin assigns a driver by hand: any open offer of the order ends and
 /// the named driver gets one.
-pub async fn assign(app: &App, order: &Order, driver_id: i64) -> Result<Offer, ApiError> {
-    if !ASSIGNABLE.contains(&order.status.as_str()) || order.driver_id.is_some() {
-        return Err(ApiError::Conflict(format!(
+pub async fn assign(ctx: &Ctx, order: &Order, driver_id: i64) -> Result<Offer, DomainError> {
+    if !awaits_driver(order) {
+        return Err(DomainError::Conflict(format!(
             "order {} is {} and cannot be offered",
             order.id, order.status
         )));
     }
-    if !store::unavailable_drivers(&app.db, &[driver_id])
+    if !store::unavailable_drivers(&ctx.db, &[driver_id])
         .await?
         .is_empty()
     {
-        return Err(ApiError::Conflict(format!(
+        return Err(DomainError::Conflict(format!(
             "driver {driver_id} already holds an offer or an order"
         )));
     }
-    cancel_offers(app, order.id, EXPIRED_MESSAGE).await?;
-    let distance = pickup_distance(order, app.drivers.position(driver_id).await?).unwrap_or(0.0);
-    let expires = offer_deadline(app);
-    let offer = store::create_offer(&app.db, order.id, driver_id, distance, expires, &ASSIGNABLE)
+    cancel_offers(ctx, order.id, EXPIRED_MESSAGE).await?;
+    let distance = pickup_distance(order, ctx.drivers.position(driver_id).await?).unwrap_or(0.0);
+    let expires = offer_deadline(ctx);
+    let offer = store::create_offer(&ctx.db, order.id, driver_id, distance, expires, &ASSIGNABLE)
         .await?
         .ok_or_else(|| {
-            ApiError::Conflict("the driver or the order got another offer first".into())
+            DomainError::Conflict("the driver or the order got another offer first".into())
         })?;
-    make_offer(app, order, &offer).await?;
+    make_offer(ctx, order, &offer).await?;
     Ok(offer)
 }
 
 /// The driver's open offers (seed 001 poll and `initial_orders`); overdue
 /// ones are expired on the spot, with the same messages as the clock.
-pub async fn open_offers(app: &App, who: &Identity) -> Result<Vec<Value>, ApiError> {
+pub async fn open_offers(ctx: &Ctx, who: &Identity) -> Result<Vec<Value>, DomainError> {
     let now = Utc::now();
-    let pos = app.drivers.position(who.driver_id).await?;
+    let pos = ctx.drivers.position(who.driver_id).await?;
     let mut out = Vec::new();
-    for offer in store::open_offers_of_driver(&app.db, who.driver_id).await? {
+    for offer in store::open_offers_of_driver(&ctx.db, who.driver_id).await? {
         if offer.expires_at <= now {
-            expire(app, offer.id).await?;
+            expire(ctx, offer.id).await?;
             continue;
         }
-        let Some(order) = store::get_order(&app.db, offer.order_id).await? else {
+        let Some(order) = store::get_order(&ctx.db, offer.order_id).await? else {
             continue;
         };
         let distance = pickup_distance(&order, pos).unwrap_or(offer.distance_km);
         let mut v = offer_json(&order, distance);
-        v["offer_expires_at"] = Value::String(orders::iso(&offer.expires_at));
+        v["offer_expires_at"] = Value::String(iso(&offer.expires_at));
         out.push(v);
     }
     Ok(out)
 }
 
 /// The driver's open offer of `order_id`, or 409.
-async fn own_open_offer(app: &App, who: &Identity, order_id: i64) -> Result<Offer, ApiError> {
-    store::open_offers_of_driver(&app.db, who.driver_id)
+async fn own_open_offer(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<Offer, DomainError> {
+    store::open_offers_of_driver(&ctx.db, who.driver_id)
         .await?
         .into_iter()
         .find(|o| o.order_id == order_id)
         .ok_or_else(|| {
-            ApiError::Conflict(format!(
+            DomainError::Conflict(format!(
                 "no open offer of order {order_id} for this driver (expired or not yours)"
             ))
         })
 }
 
-pub async fn accept(app: &App, who: &Identity, order_id: i64) -> Result<Order, ApiError> {
-    let offer = own_open_offer(app, who, order_id).await?;
+pub async fn accept(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<Order, DomainError> {
+    let offer = own_open_offer(ctx, who, order_id).await?;
     if offer.expires_at <= Utc::now() {
-        expire(app, offer.id).await?;
-        return Err(ApiError::Conflict(format!(
+        expire(ctx, offer.id).await?;
+        return Err(DomainError::Conflict(format!(
             "the offer of order {order_id} expired"
         )));
     }
-    let before = store::get_order(&app.db, order_id).await?;
-    let order = store::accept_offer(&app.db, &offer, &ASSIGNABLE, app.sync_on())
+    let before = store::get_order(&ctx.db, order_id).await?;
+    let order = store::accept_offer(&ctx.db, &offer, &ASSIGNABLE, ctx.sync_on())
         .await?
         .ok_or_else(|| {
-            ApiError::Conflict(format!("the offer of order {order_id} is no longer open"))
+            DomainError::Conflict(format!("the offer of order {order_id} is no longer open"))
         })?;
-    let _ = app.offers.cancel(offer.id).await;
+    let _ = ctx.offers.cancel(offer.id).await;
     metrics::counter!(m::OFFERS, "outcome" => "accepted").increment(1);
-    orders::emit_updated(
-        app,
+    ctx.publish(updated_event(
         &order,
         vec!["status".into(), "driver_id".into()],
         before.map(|b| b.status),
-    )
+    ))
     .await?;
     Ok(order)
 }
 
-pub async fn decline(app: &App, who: &Identity, order_id: i64) -> Result<(), ApiError> {
-    let offer = own_open_offer(app, who, order_id).await?;
-    let Some(offer) = store::end_offer(&app.db, offer.id, "declined").await? else {
-        return Err(ApiError::Conflict(format!(
+pub async fn decline(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<(), DomainError> {
+    let offer = own_open_offer(ctx, who, order_id).await?;
+    let Some(offer) = store::end_offer(&ctx.db, offer.id, "declined").await? else {
+        return Err(DomainError::Conflict(format!(
             "the offer of order {order_id} is no longer open"
         )));
     };
-    let _ = app.offers.cancel(offer.id).await;
+    let _ = ctx.offers.cancel(offer.id).await;
     metrics::counter!(m::OFFERS, "outcome" => "declined").increment(1);
-    dispatch(app, order_id).await?;
+    dispatch(ctx, order_id).await?;
     Ok(())
 }
 
 /// A driver's position (socket or HTTP): into the index, then
 /// DRIVER_LOCATION to admins and the driver's city.
-pub async fn driver_location(app: &App, who: &Identity, loc: Location) -> Result<(), ApiError> {
-    app.drivers
-        .put(who.driver_id, loc.latitude, loc.longitude)
+pub async fn driver_location(ctx: &Ctx, who: &Identity, loc: Position) -> Result<(), DomainError> {
+    ctx.drivers
+        .put(who.driver_id, loc.latitude(), loc.longitude())
         .await?;
     metrics::counter!(m::DRIVER_LOCATIONS).increment(1);
     let mut rooms = vec![room::ADMIN.to_string()];
     rooms.extend(who.city_id.map(room::city));
-    app.publish(Event::new(
+    ctx.publish(Event::new(
         rooms,
         EventKind::DriverLocation {
             driver_id: who.driver_id,
-            latitude: loc.latitude,
-            longitude: loc.longitude,
-            heading: loc.heading,
-            speed: loc.speed,
+            latitude: loc.latitude(),
+            longitude: loc.longitude(),
+            heading: loc.heading(),
+            speed: loc.speed(),
             timestamp: iso_now(),
         },
     ))
     .await
 }
 
+/// A driver says it can (or cannot) take offers now.
+pub async fn set_available(ctx: &Ctx, driver_id: i64, available: bool) -> Result<(), DomainError> {
+    Ok(ctx.drivers.set_available(driver_id, available).await?)
+}
+
+/// Drivers near a point who could take an offer now (available, fresh, not
+/// holding an offer or an order), nearest first: `GET /api/drivers/nearby`.
+pub async fn nearby(
+    ctx: &Ctx,
+    lat: f64,
+    lon: f64,
+    radius_km: f64,
+    limit: usize,
+) -> Result<Vec<Nearby>, DomainError> {
+    let near = ctx
+        .drivers
+        .nearest(lat, lon, radius_km, ctx.rules.driver_stale, limit)
+        .await?;
+    let ids: Vec<i64> = near.iter().map(|n| n.driver_id).collect();
+    let busy = store::unavailable_drivers(&ctx.db, &ids).await?;
+    Ok(near
+        .into_iter()
+        .filter(|n| !busy.contains(&n.driver_id))
+        .collect())
+}
+
 /// Every node runs this: claim due deadlines and expire them; every few
 /// seconds also sweep the database for open offers past their deadline
 /// (a deadline Redis lost, or one scheduled while Redis was down).
-pub async fn run_clock(app: Arc<App>) {
+pub async fn run_clock(ctx: Arc<Ctx>, stop: CancellationToken) {
     // Up to 64 expiries in flight; the loop claims only what it can start
     // at once, and never waits for a batch (a slow re-dispatch must not
     // delay the next deadline).
@@ -335,15 +343,15 @@ pub async fn run_clock(app: Arc<App>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = app.stop.cancelled() => return,
+            _ = stop.cancelled() => return,
         }
         let free = permits.available_permits();
         wait = BUSY_TICK;
         if free > 0 {
             let now_ms = Utc::now().timestamp_millis();
-            match app.offers.claim_due(now_ms, free).await {
+            match ctx.offers.claim_due(now_ms, free).await {
                 Ok(claimed) => {
-                    if app.config.fault_hang_after_claim && !claimed.ids.is_empty() {
+                    if ctx.rules.fault_hang_after_claim && !claimed.ids.is_empty() {
                         tracing::error!(offers = ?claimed.ids, "fault injection: hanging after claim");
                         std::future::pending::<()>().await;
                     }
@@ -354,12 +362,12 @@ pub async fn run_clock(app: Arc<App>) {
                         let Ok(permit) = permits.clone().try_acquire_owned() else {
                             break; // cannot happen: we claimed at most `free`
                         };
-                        let app = app.clone();
+                        let ctx = ctx.clone();
                         tokio::spawn(async move {
                             let _permit = permit;
-                            match expire(&app, id).await {
+                            match expire(&ctx, id).await {
                                 Ok(_) => {
-                                    let _ = app.offers.done(id).await;
+                                    let _ = ctx.offers.done(id).await;
                                 }
                                 // Not marked done: the lease runs out and
                                 // some node retries it.
@@ -378,7 +386,7 @@ pub async fn run_clock(app: Arc<App>) {
         }
         if last_sweep.elapsed() >= Duration::from_secs(5) {
             last_sweep = Instant::now();
-            if let Err(e) = sweep(&app).await {
+            if let Err(e) = sweep(&ctx).await {
                 tracing::debug!(error = %e, "offer sweep failed");
             }
         }
@@ -403,12 +411,12 @@ fn idle_wait(next_ms: Option<i64>, now_ms: i64) -> Duration {
 }
 
 /// Expires open offers whose deadline passed more than a lease ago.
-async fn sweep(app: &App) -> Result<(), ApiError> {
+async fn sweep(ctx: &Ctx) -> Result<(), DomainError> {
     let cutoff = Utc::now()
-        - chrono::Duration::from_std(app.config.offer_lease).unwrap_or(chrono::Duration::zero());
-    for offer in store::open_offers(&app.db).await? {
+        - chrono::Duration::from_std(ctx.rules.offer_lease).unwrap_or(chrono::Duration::zero());
+    for offer in store::open_offers(&ctx.db).await? {
         if offer.expires_at < cutoff {
-            expire(app, offer.id).await?;
+            expire(ctx, offer.id).await?;
         }
     }
     Ok(())
@@ -417,10 +425,10 @@ async fn sweep(app: &App) -> Result<(), ApiError> {
 /// At start: re-schedule deadlines of open offers that Redis lost. An offer
 /// another node has claimed keeps its lease: it is taken over only when the
 /// lease runs out, never at once by whichever node starts next.
-pub async fn reseed(app: &App) -> Result<usize, ApiError> {
-    let open = store::open_offers(&app.db).await?;
+pub async fn reseed(ctx: &Ctx) -> Result<usize, DomainError> {
+    let open = store::open_offers(&ctx.db).await?;
     for o in &open {
-        app.offers.seed(o.id, deadline_ms(o)).await?;
+        ctx.offers.seed(o.id, deadline_ms(o)).await?;
     }
     Ok(open.len())
 }

@@ -1,160 +1,96 @@
-//! Orders: the lifecycle rules, the order JSON every dialect carries, and
-//! the events each change produces. HTTP handlers call these; they never
-//! build wire JSON themselves.
+//! Orders: the lifecycle services (create, change, delete) and the events
+//! each change produces. HTTP handlers call these after parsing and role
+//! checks; the rules themselves (amounts, coordinates, bonuses, lifecycle)
+//! live here and in [`super::model`].
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Value, json};
+use chrono::{DateTime, Utc};
 
-use super::bonuses;
-use crate::auth::{Identity, Role};
+use super::model::{
+    check_transition, order_json, order_rooms, pickup, round2, updated_event, visible,
+};
+use super::{Ctx, DomainError, bonuses};
+use crate::auth::Identity;
 use crate::dispatch;
-use crate::event::{Event, EventKind, iso_now, room};
-use crate::http::ApiError;
-use crate::node::App;
-use crate::store::{self, NewOrder, Order, OrderChanges, Scope};
+use crate::event::{Event, EventKind, valid_point};
+use crate::store::{self, NewOrder, Order, OrderChanges};
 
-/// The lifecycle, in order. `cancelled` is outside it.
-pub const LIFECYCLE: [&str; 8] = [
-    "pending",
-    "confirmed",
-    "preparing",
-    "ready",
-    "accepted",
-    "picked_up",
-    "delivered",
-    "completed",
-];
-
-/// Statuses from which a driver's accept may assign the order.
-pub const ASSIGNABLE: [&str; 4] = ["pending", "confirmed", "preparing", "ready"];
-
-fn rank(status: &str) -> Option<usize> {
-    LIFECYCLE.iter().position(|s| *s == status)
+/// A new order as the caller described it, before the rules run.
+#[derive(Debug, Clone)]
+pub struct OrderDraft {
+    pub order_type: Option<String>,
+    pub user_id: i64,
+    pub city_id: i64,
+    pub address_from: String,
+    pub address_to: String,
+    /// Pickup point (latitude, longitude), when given.
+    pub from: Option<(f64, f64)>,
+    /// Drop-off point, when given.
+    pub to: Option<(f64, f64)>,
+    pub total: f64,
+    pub bonuses_used: f64,
+    pub scheduled_at: Option<DateTime<Utc>>,
 }
 
-/// Whether `from → to` is allowed: forward only (skips allowed), `cancelled`
-/// from anything before `delivered`, nothing out of a final status.
-pub fn check_transition(from: &str, to: &str) -> Result<(), ApiError> {
-    if to != "cancelled" && rank(to).is_none() {
-        return Err(ApiError::BadRequest(format!(
-            "unknown status {to:?}; one of {} or cancelled",
-            LIFECYCLE.join(", ")
-        )));
-    }
-    if from == to {
-        return Err(ApiError::Conflict(format!("order is already {from}")));
-    }
-    if from == "completed" || from == "cancelled" {
-        return Err(ApiError::Conflict(format!("order is {from}: final")));
-    }
-    let f = rank(from).unwrap_or(0);
-    if to == "cancelled" {
-        return if f < rank("delivered").unwrap_or(6) {
-            Ok(())
-        } else {
-            Err(ApiError::Conflict(format!(
-                "a {from} order cannot be cancelled"
-            )))
-        };
-    }
-    if rank(to) > Some(f) {
-        Ok(())
-    } else {
-        Err(ApiError::Conflict(format!(
-            "status cannot go back from {from} to {to}"
-        )))
+/// A point as the decimal strings seed 001 stores, after the range check.
+fn point(
+    p: Option<(f64, f64)>,
+    name: &str,
+) -> Result<(Option<String>, Option<String>), DomainError> {
+    match p {
+        None => Ok((None, None)),
+        Some((lat, lon)) if valid_point(lat, lon) => {
+            Ok((Some(format!("{lat:.6}")), Some(format!("{lon:.6}"))))
+        }
+        Some(_) => Err(DomainError::Invalid(format!(
+            "latitude_{name}/longitude_{name} out of range"
+        ))),
     }
 }
 
-pub fn iso(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-/// The order as every dialect and the HTTP API show it (SPEC §4).
-pub fn order_json(o: &Order) -> Value {
-    json!({
-        "id": o.id,
-        "order_code": format!("ORD-{:06}", o.id),
-        "order_number": o.id.to_string(),
-        "order_type": o.order_type,
-        "status": o.status,
-        "user_id": o.user_id,
-        "city_id": o.city_id,
-        "driver_id": o.driver_id,
-        "address_from": o.address_from,
-        "address_to": o.address_to,
-        "latitude_from": o.latitude_from,
-        "longitude_from": o.longitude_from,
-        "latitude_to": o.latitude_to,
-        "longitude_to": o.longitude_to,
-        "total": o.total,
-        "bonuses_used": o.bonuses_used,
-        "bonuses_earned": o.bonuses_earned,
-        "scheduled_at": o.scheduled_at.as_ref().map(iso),
-        "created_at": iso(&o.created_at),
-        "updated_at": iso(&o.updated_at),
-        "version": o.version,
+/// The order-create rules: amounts non-negative and bonuses within the
+/// total, coordinates in range, a non-empty type; bonuses earned at
+/// `BONUS_RATE`. The balance check runs in the create transaction.
+fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
+    if d.total < 0.0 || d.bonuses_used < 0.0 {
+        return Err(DomainError::Invalid(
+            "total and bonuses_used cannot be negative".into(),
+        ));
+    }
+    if d.bonuses_used > d.total {
+        return Err(DomainError::Rule {
+            code: "bonuses_exceed_total",
+            message: format!("bonuses_used {} exceeds total {}", d.bonuses_used, d.total),
+        });
+    }
+    let (latitude_from, longitude_from) = point(d.from, "from")?;
+    let (latitude_to, longitude_to) = point(d.to, "to")?;
+    let order_type = d.order_type.unwrap_or_else(|| "delivery".into());
+    if order_type.is_empty() {
+        return Err(DomainError::Invalid("order_type cannot be empty".into()));
+    }
+    Ok(NewOrder {
+        order_type,
+        user_id: d.user_id,
+        city_id: d.city_id,
+        address_from: d.address_from,
+        address_to: d.address_to,
+        latitude_from,
+        longitude_from,
+        latitude_to,
+        longitude_to,
+        total: round2(d.total),
+        bonuses_used: round2(d.bonuses_used),
+        bonuses_earned: round2(d.total * bonus_rate),
+        scheduled_at: d.scheduled_at,
     })
-}
-
-/// The rooms that hear about an order: admins, its city, its creator.
-pub fn order_rooms(o: &Order) -> Vec<String> {
-    vec![
-        room::ADMIN.to_string(),
-        room::city(o.city_id),
-        room::user(o.user_id),
-    ]
-}
-
-/// Pickup point, when the order has one.
-pub fn pickup(o: &Order) -> Option<(f64, f64)> {
-    let lat = o.latitude_from.as_deref()?.parse().ok()?;
-    let lon = o.longitude_from.as_deref()?.parse().ok()?;
-    Some((lat, lon))
-}
-
-/// Whether `who` may see `o` (reading outside one's scope is a 404).
-pub fn visible(who: &Identity, o: &Order, offered_to_driver: bool) -> bool {
-    match who.role {
-        Role::Admin | Role::Ceo => true,
-        Role::Manager => who.city_ids.contains(&o.city_id),
-        Role::Driver => o.driver_id == Some(who.driver_id) || offered_to_driver,
-        Role::User => o.user_id == who.user_id,
-    }
-}
-
-pub fn scope_of(who: &Identity) -> Scope {
-    match who.role {
-        Role::Admin | Role::Ceo => Scope::All,
-        Role::Manager => Scope::Cities(who.city_ids.clone()),
-        Role::Driver => Scope::Driver(who.driver_id),
-        Role::User => Scope::User(who.user_id),
-    }
-}
-
-pub async fn emit_updated(
-    app: &App,
-    o: &Order,
-    changed: Vec<String>,
-    old_status: Option<String>,
-) -> Result<(), ApiError> {
-    app.publish(Event::new(
-        order_rooms(o),
-        EventKind::OrderUpdated {
-            order: order_json(o),
-            changed,
-            old_status,
-            timestamp: iso_now(),
-        },
-    ))
-    .await
 }
 
 /// Creates an order (debiting bonuses), announces it, and starts dispatch
 /// when it has a pickup point.
-pub async fn create(app: &App, new: NewOrder) -> Result<Order, ApiError> {
-    let (order, debit) = store::create_order(&app.db, new, app.sync_on()).await?;
-    app.publish(Event::new(
+pub async fn create(ctx: &Ctx, draft: OrderDraft) -> Result<Order, DomainError> {
+    let new = validate(draft, ctx.rules.bonus_rate)?;
+    let (order, debit) = store::create_order(&ctx.db, new, ctx.sync_on()).await?;
+    ctx.publish(Event::new(
         order_rooms(&order),
         EventKind::OrderCreated {
             order: order_json(&order),
@@ -162,10 +98,10 @@ pub async fn create(app: &App, new: NewOrder) -> Result<Order, ApiError> {
     ))
     .await?;
     if let Some(change) = debit {
-        bonuses::emit(app, &change).await?;
+        bonuses::emit(ctx, &change).await?;
     }
     if pickup(&order).is_some() {
-        dispatch::dispatch(app, order.id).await?;
+        dispatch::dispatch(ctx, order.id).await?;
     }
     Ok(order)
 }
@@ -174,16 +110,16 @@ pub async fn create(app: &App, new: NewOrder) -> Result<Order, ApiError> {
 /// `driver_id` (which makes an offer to that driver; the order row itself
 /// does not change until the driver accepts).
 pub async fn update(
-    app: &App,
+    ctx: &Ctx,
     id: i64,
     status: Option<String>,
     scheduled_at: Option<Option<DateTime<Utc>>>,
     driver_id: Option<i64>,
     who: &Identity,
-) -> Result<Order, ApiError> {
-    let order = apply_fields(app, id, status, scheduled_at, who).await?;
+) -> Result<Order, DomainError> {
+    let order = apply_fields(ctx, id, status, scheduled_at, who).await?;
     if let Some(d) = driver_id {
-        dispatch::assign(app, &order, d).await?;
+        dispatch::assign(ctx, &order, d).await?;
     }
     Ok(order)
 }
@@ -191,17 +127,17 @@ pub async fn update(
 /// Status and `scheduled_at`, with their events; retries a few times when
 /// another writer moved the order first. Nothing to change: the order as is.
 async fn apply_fields(
-    app: &App,
+    ctx: &Ctx,
     id: i64,
     status: Option<String>,
     scheduled_at: Option<Option<DateTime<Utc>>>,
     who: &Identity,
-) -> Result<Order, ApiError> {
+) -> Result<Order, DomainError> {
     for _ in 0..5 {
-        let current = store::get_order(&app.db, id)
+        let current = store::get_order(&ctx.db, id)
             .await?
             .filter(|o| visible(who, o, false))
-            .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;
+            .ok_or_else(|| DomainError::NotFound(format!("order {id} not found")))?;
         let mut changes = OrderChanges::default();
         let mut changed = Vec::new();
         if let Some(s) = &status {
@@ -219,75 +155,53 @@ async fn apply_fields(
             return Ok(current);
         }
         let Some((order, credit)) =
-            store::update_order(&app.db, &current, &changes, app.sync_on()).await?
+            store::update_order(&ctx.db, &current, &changes, ctx.sync_on()).await?
         else {
             continue; // someone else changed it: re-read and re-check
         };
         let old_status = status.as_ref().map(|_| current.status.clone());
-        emit_updated(app, &order, changed, old_status).await?;
+        ctx.publish(updated_event(&order, changed, old_status))
+            .await?;
         if let Some(c) = credit {
-            bonuses::emit(app, &c).await?;
+            bonuses::emit(ctx, &c).await?;
         }
         if order.status == "cancelled" {
-            dispatch::cancel_offers(app, order.id, "Order cancelled").await?;
+            dispatch::cancel_offers(ctx, order.id, "Order cancelled").await?;
         }
         return Ok(order);
     }
-    Err(ApiError::Conflict(format!(
+    Err(DomainError::Conflict(format!(
         "order {id} is changing too fast; retry"
     )))
 }
 
-pub async fn delete(app: &App, id: i64) -> Result<(), ApiError> {
-    let order = store::get_order(&app.db, id)
+pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
+    let order = store::get_order(&ctx.db, id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;
-    let ended = store::delete_order(&app.db, id, app.sync_on()).await?;
+        .ok_or_else(|| DomainError::NotFound(format!("order {id} not found")))?;
+    let ended = store::delete_order(&ctx.db, id, ctx.sync_on()).await?;
     for offer in ended {
-        dispatch::offer_ended(app, &offer, "Order cancelled").await?;
+        dispatch::offer_ended(ctx, &offer, "Order cancelled").await?;
     }
-    app.publish(Event::new(
+    ctx.publish(Event::new(
         order_rooms(&order),
         EventKind::OrderDeleted { id },
     ))
     .await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lifecycle_rules() {
-        assert!(check_transition("pending", "confirmed").is_ok());
-        assert!(
-            check_transition("pending", "completed").is_ok(),
-            "skips allowed"
-        );
-        assert!(matches!(
-            check_transition("ready", "pending"),
-            Err(ApiError::Conflict(_))
-        ));
-        assert!(matches!(
-            check_transition("ready", "ready"),
-            Err(ApiError::Conflict(_))
-        ));
-        assert!(check_transition("picked_up", "cancelled").is_ok());
-        assert!(matches!(
-            check_transition("delivered", "cancelled"),
-            Err(ApiError::Conflict(_))
-        ));
-        assert!(matches!(
-            check_transition("completed", "cancelled"),
-            Err(ApiError::Conflict(_))
-        ));
-        assert!(matches!(
-            check_transition("cancelled", "completed"),
-            Err(ApiError::Conflict(_))
-        ));
-        assert!(matches!(
-            check_transition("pending", "flying"),
-            Err(ApiError::BadRequest(_))
-        ));
+/// The order if `who` may see it; 404 otherwise (existence not revealed).
+/// A driver sees orders it was offered.
+pub async fn visible_order(ctx: &Ctx, who: &Identity, id: i64) -> Result<Order, DomainError> {
+    let not_found = || DomainError::NotFound(format!("order {id} not found"));
+    let order = store::get_order(&ctx.db, id).await?.ok_or_else(not_found)?;
+    let offered = who.role == crate::auth::Role::Driver
+        && store::offered_drivers(&ctx.db, id)
+            .await?
+            .contains(&who.driver_id);
+    if visible(who, &order, offered) {
+        Ok(order)
+    } else {
+        Err(not_found())
     }
 }

@@ -19,40 +19,43 @@ use hyper_util::rt::TokioIo;
 use rand::Rng;
 use serde_json::{Value, json};
 
-use super::orders::order_json;
+use tokio_util::sync::CancellationToken;
+
+use super::model::order_json;
+use super::{Ctx, SyncRules};
 use crate::event::{Event, EventKind, iso_now, room};
 use crate::metrics as m;
-use crate::node::App;
 use crate::store::{self, SyncJob, SyncOutcome};
 
 const BATCH: u64 = 16;
 
-pub async fn run(app: Arc<App>) {
-    let Some(url) = app.config.sync_url.clone() else {
+/// The worker loop, until `stop`; returns at once when `SYNC_URL` is unset.
+pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let Some(rules) = ctx.rules.sync.clone() else {
         return;
     };
-    let Ok(uri) = url.parse::<hyper::Uri>() else {
+    let Ok(uri) = rules.url.parse::<hyper::Uri>() else {
         return; // validated in config
     };
     // The lease outlives one request (timeout) with room to record the result.
-    let lease = app.config.sync_timeout + Duration::from_secs(5);
+    let lease = rules.timeout + Duration::from_secs(5);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauges = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = app.stop.cancelled() => return,
+            _ = stop.cancelled() => return,
         }
         if gauges.elapsed() >= Duration::from_secs(2) {
             gauges = tokio::time::Instant::now();
             for s in ["pending", "delivering", "failed"] {
-                if let Ok(n) = store::count_sync_jobs(&app.db, s).await {
+                if let Ok(n) = store::count_sync_jobs(&ctx.db, s).await {
                     metrics::gauge!(m::SYNC_JOBS, "status" => s).set(n as f64);
                 }
             }
         }
-        let jobs = match store::claim_sync_jobs(&app.db, lease, BATCH).await {
+        let jobs = match store::claim_sync_jobs(&ctx.db, lease, BATCH).await {
             Ok(j) => j,
             Err(e) => {
                 tracing::debug!(error = %e, "claiming sync jobs failed");
@@ -62,16 +65,17 @@ pub async fn run(app: Arc<App>) {
         // Deliver the batch concurrently; the next claim waits for it.
         let mut set = tokio::task::JoinSet::new();
         for job in jobs {
-            let app = app.clone();
+            let ctx = ctx.clone();
             let uri = uri.clone();
-            set.spawn(async move { deliver(&app, &uri, job).await });
+            let rules = rules.clone();
+            set.spawn(async move { deliver(&ctx, &rules, &uri, job).await });
         }
         while set.join_next().await.is_some() {}
     }
 }
 
-async fn deliver(app: &App, uri: &hyper::Uri, job: SyncJob) {
-    let order = store::get_order(&app.db, job.entity_id)
+async fn deliver(ctx: &Ctx, rules: &SyncRules, uri: &hyper::Uri, job: SyncJob) {
+    let order = store::get_order(&ctx.db, job.entity_id)
         .await
         .ok()
         .flatten();
@@ -82,22 +86,22 @@ async fn deliver(app: &App, uri: &hyper::Uri, job: SyncJob) {
         "data": order.as_ref().map(order_json).unwrap_or(Value::Null),
     });
     let key = format!("switchboard-sync-{}", job.id);
-    let result = post(uri, &key, body.to_string(), app.config.sync_timeout).await;
+    let result = post(uri, &key, body.to_string(), rules.timeout).await;
     metrics::counter!(m::SYNC_ATTEMPTS, "result" => if result.is_ok() { "ok" } else { "error" })
         .increment(1);
     let outcome = match &result {
         Ok(()) => SyncOutcome::Delivered,
-        Err(e) if job.attempts as u32 >= app.config.sync_max_attempts => {
+        Err(e) if job.attempts as u32 >= rules.max_attempts => {
             SyncOutcome::Failed { error: e.clone() }
         }
         Err(e) => SyncOutcome::Retry {
             at: Utc::now()
-                + chrono::Duration::from_std(backoff(app, job.attempts)).unwrap_or_default(),
+                + chrono::Duration::from_std(backoff(rules, job.attempts)).unwrap_or_default(),
             error: e.clone(),
         },
     };
     let failed = matches!(outcome, SyncOutcome::Failed { .. });
-    match store::finish_sync_job(&app.db, &job, outcome).await {
+    match store::finish_sync_job(&ctx.db, &job, outcome).await {
         Ok(Some(_)) => {}
         // Another node took the job over (our lease ran out): it reports.
         Ok(None) => return,
@@ -130,7 +134,7 @@ async fn deliver(app: &App, uri: &hyper::Uri, job: SyncJob) {
         error: result.err(),
         timestamp: iso_now(),
     };
-    if let Err(e) = app
+    if let Err(e) = ctx
         .publish(Event::new(vec![room::ADMIN.to_string()], event))
         .await
     {
@@ -140,8 +144,8 @@ async fn deliver(app: &App, uri: &hyper::Uri, job: SyncJob) {
 
 /// `SYNC_BACKOFF_MS` doubled per attempt, times a jitter in [0.5, 1.5),
 /// capped at 5 minutes.
-fn backoff(app: &App, attempts: i32) -> Duration {
-    let base = app.config.sync_backoff.as_secs_f64() * 2f64.powi((attempts - 1).clamp(0, 20));
+fn backoff(rules: &SyncRules, attempts: i32) -> Duration {
+    let base = rules.backoff.as_secs_f64() * 2f64.powi((attempts - 1).clamp(0, 20));
     let jitter: f64 = rand::rng().random_range(0.5..1.5);
     Duration::from_secs_f64((base * jitter).min(300.0))
 }

@@ -8,15 +8,15 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{ApiError, Page, Resp, identity, json_response, query};
-use crate::domain::orders::iso;
-use crate::node::App;
+use crate::app::App;
+use crate::event::iso;
 use crate::store;
 
 pub async fn me(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let who = identity(app, &req)?;
     let page = Page::from_query(&query(&req))?;
-    let balance = store::bonus_balance(&app.db, who.user_id).await?;
-    let ops = store::bonus_operations(&app.db, who.user_id, page.cursor, page.limit).await?;
+    let balance = store::bonus_balance(&app.ctx.db, who.user_id).await?;
+    let ops = store::bonus_operations(&app.ctx.db, who.user_id, page.cursor, page.limit).await?;
     let mut body = page.list(
         &ops,
         |o| o.id,

@@ -9,11 +9,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, Resp, empty, id_segment, identity, json_response, read_json};
+use crate::app::App;
 use crate::auth::{Identity, Role};
-use crate::dispatch::{self, index::DriverIndex};
-use crate::domain::orders::order_json;
-use crate::node::App;
-use crate::ws::dialect::Location;
+use crate::dispatch;
+use crate::domain::model::order_json;
+use crate::event::Position;
 
 fn driver<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
     let who = identity(app, req)?;
@@ -26,7 +26,7 @@ fn driver<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
 
 pub async fn offers(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let who = driver(app, &req)?;
-    let items = dispatch::open_offers(app, &who).await?;
+    let items = dispatch::open_offers(&app.ctx, &who).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"items": items, "next_cursor": null}),
@@ -35,13 +35,13 @@ pub async fn offers(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
 
 pub async fn accept(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
     let who = driver(app, &req)?;
-    let order = dispatch::accept(app, &who, id_segment(id)?).await?;
+    let order = dispatch::accept(&app.ctx, &who, id_segment(id)?).await?;
     Ok(json_response(StatusCode::OK, &order_json(&order)))
 }
 
 pub async fn decline(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
     let who = driver(app, &req)?;
-    dispatch::decline(app, &who, id_segment(id)?).await?;
+    dispatch::decline(&app.ctx, &who, id_segment(id)?).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -57,18 +57,9 @@ struct LocationBody {
 pub async fn location(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let who = driver(app, &req)?;
     let b: LocationBody = read_json(req).await?;
-    if !(-85.05..=85.05).contains(&b.latitude) || !(-180.0..=180.0).contains(&b.longitude) {
-        return Err(ApiError::BadRequest(
-            "latitude must be within ±85.05 and longitude within ±180".into(),
-        ));
-    }
-    let loc = Location {
-        latitude: b.latitude,
-        longitude: b.longitude,
-        heading: b.heading,
-        speed: b.speed,
-    };
-    dispatch::driver_location(app, &who, loc).await?;
+    let loc = Position::new(b.latitude, b.longitude, b.heading, b.speed)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    dispatch::driver_location(&app.ctx, &who, loc).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -81,8 +72,6 @@ struct StatusBody {
 pub async fn status(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let who = driver(app, &req)?;
     let b: StatusBody = read_json(req).await?;
-    app.drivers
-        .set_available(who.driver_id, b.available)
-        .await?;
+    dispatch::set_available(&app.ctx, who.driver_id, b.available).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

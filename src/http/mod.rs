@@ -20,9 +20,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::app::App;
 use crate::auth::Identity;
+use crate::domain::DomainError;
 use crate::metrics as m;
-use crate::node::App;
 
 pub type Resp = Response<Full<Bytes>>;
 
@@ -106,17 +107,24 @@ pub fn empty(status: StatusCode) -> Resp {
     r
 }
 
+/// The rules' errors as HTTP: the status follows the kind of failure, the
+/// code is the rule's own ([`DomainError::code`]).
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::Invalid(m) => ApiError::BadRequest(m),
+            DomainError::NotFound(m) => ApiError::NotFound(m),
+            DomainError::Conflict(m) => ApiError::Conflict(m),
+            DomainError::Rule { code, message } => ApiError::Rule { code, message },
+            e if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        use crate::store::StoreError;
-        match e {
-            StoreError::InsufficientBonuses { .. } => ApiError::Rule {
-                code: "insufficient_bonuses",
-                message: e.to_string(),
-            },
-            e if e.is_unavailable() => ApiError::Unavailable(format!("database: {e}")),
-            e => ApiError::Internal(format!("database: {e}")),
-        }
+        DomainError::from(e).into()
     }
 }
 
@@ -206,7 +214,11 @@ pub async fn handle(
                 "node is draining".into(),
             )));
         }
-        return Ok(crate::ws::upgrade(app, req, dialect, path_token));
+        return Ok(
+            crate::ws::upgrade(app, req, dialect, path_token).unwrap_or_else(|e| {
+                error_response(ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))
+            }),
+        );
     }
     let (route, result) = route(&app, peer, req).await;
     let resp = result.unwrap_or_else(error_response);

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Resp, empty, identity, json_response, read_json};
+use crate::app::App;
 use crate::event::{Event, EventKind, room};
-use crate::node::App;
 
 pub fn index(app: &App) -> Resp {
     json_response(
@@ -41,7 +41,7 @@ pub fn readyz(app: &App) -> Resp {
         "db": app.health.db_ok.load(Relaxed),
         "redis": app.redis.as_ref().map(|_| app.health.redis_ok.load(Relaxed) && {
             use crate::broker::Broker;
-            app.broker.is_healthy()
+            app.ctx.broker.is_healthy()
         }),
     });
     json_response(
@@ -126,14 +126,15 @@ pub async fn publish(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, Api
             "type must be 1 to 128 characters".into(),
         ));
     }
-    app.publish(Event::new(
-        rooms,
-        EventKind::Custom {
-            ty: body.ty,
-            data: body.data,
-        },
-    ))
-    .await?;
+    app.ctx
+        .publish(Event::new(
+            rooms,
+            EventKind::Custom {
+                ty: body.ty,
+                data: body.data,
+            },
+        ))
+        .await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 

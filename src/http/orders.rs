@@ -9,12 +9,13 @@ use hyper::{Request, StatusCode};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, Page, Resp, empty, id_segment, identity, json_response, query, read_json};
+use crate::app::App;
 use crate::auth::{Identity, Role};
-use crate::dispatch::{self, index::DriverIndex};
-use crate::domain::bonuses::round2;
-use crate::domain::orders::{self as domain, order_json, scope_of, visible};
-use crate::node::App;
-use crate::store::{self, NewOrder};
+use crate::dispatch;
+use crate::domain::model::{order_json, pickup, scope_of};
+use crate::domain::orders::{self as domain, OrderDraft, visible_order};
+use crate::event::iso;
+use crate::store;
 
 fn field<'a>(body: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     body.get(key).filter(|v| !v.is_null())
@@ -22,22 +23,11 @@ fn field<'a>(body: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 
 /// A number given as a JSON number or a decimal string.
 fn number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
-    let bad = || ApiError::BadRequest(format!("{key} must be a number or a decimal string"));
     match field(body, key) {
         None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .filter(|f| f.is_finite())
-            .map(Some)
-            .ok_or_else(bad),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .map(Some)
-            .ok_or_else(bad),
-        Some(_) => Err(bad()),
+        Some(v) => crate::event::number(v).map(Some).ok_or_else(|| {
+            ApiError::BadRequest(format!("{key} must be a number or a decimal string"))
+        }),
     }
 }
 
@@ -72,20 +62,11 @@ fn timestamp(body: &Map<String, Value>, key: &str) -> Result<Option<DateTime<Utc
     }
 }
 
-/// A coordinate pair, both or neither, as the decimal strings seed 001 uses.
-fn point(
-    body: &Map<String, Value>,
-    lat: &str,
-    lon: &str,
-) -> Result<(Option<String>, Option<String>), ApiError> {
+/// A coordinate pair, both or neither (the range is the domain's rule).
+fn point(body: &Map<String, Value>, lat: &str, lon: &str) -> Result<Option<(f64, f64)>, ApiError> {
     match (number(body, lat)?, number(body, lon)?) {
-        (None, None) => Ok((None, None)),
-        (Some(a), Some(o)) => {
-            if !(-85.05..=85.05).contains(&a) || !(-180.0..=180.0).contains(&o) {
-                return Err(ApiError::BadRequest(format!("{lat}/{lon} out of range")));
-            }
-            Ok((Some(format!("{a:.6}")), Some(format!("{o:.6}"))))
-        }
+        (None, None) => Ok(None),
+        (Some(a), Some(o)) => Ok(Some((a, o))),
         _ => Err(ApiError::BadRequest(format!("{lat} and {lon} go together"))),
     }
 }
@@ -119,41 +100,19 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
     let city_id = int(&body, "city_id")?
         .or(who.city_id)
         .ok_or_else(|| ApiError::BadRequest("city_id is required".into()))?;
-    let total = number(&body, "total")?.unwrap_or(0.0);
-    let bonuses_used = number(&body, "bonuses_used")?.unwrap_or(0.0);
-    if total < 0.0 || bonuses_used < 0.0 {
-        return Err(ApiError::BadRequest(
-            "total and bonuses_used cannot be negative".into(),
-        ));
-    }
-    if bonuses_used > total {
-        return Err(ApiError::Rule {
-            code: "bonuses_exceed_total",
-            message: format!("bonuses_used {bonuses_used} exceeds total {total}"),
-        });
-    }
-    let (latitude_from, longitude_from) = point(&body, "latitude_from", "longitude_from")?;
-    let (latitude_to, longitude_to) = point(&body, "latitude_to", "longitude_to")?;
-    let order_type = text(&body, "order_type", 32)?.unwrap_or_else(|| "delivery".into());
-    if order_type.is_empty() {
-        return Err(ApiError::BadRequest("order_type cannot be empty".into()));
-    }
-    let new = NewOrder {
-        order_type,
+    let draft = OrderDraft {
+        order_type: text(&body, "order_type", 32)?,
         user_id,
         city_id,
         address_from: text(&body, "address_from", 500)?.unwrap_or_default(),
         address_to: text(&body, "address_to", 500)?.unwrap_or_default(),
-        latitude_from,
-        longitude_from,
-        latitude_to,
-        longitude_to,
-        total: round2(total),
-        bonuses_used: round2(bonuses_used),
-        bonuses_earned: round2(total * app.config.bonus_rate),
+        from: point(&body, "latitude_from", "longitude_from")?,
+        to: point(&body, "latitude_to", "longitude_to")?,
+        total: number(&body, "total")?.unwrap_or(0.0),
+        bonuses_used: number(&body, "bonuses_used")?.unwrap_or(0.0),
         scheduled_at: timestamp(&body, "scheduled_at")?,
     };
-    let order = domain::create(app, new).await?;
+    let order = domain::create(&app.ctx, draft).await?;
     // Dispatch may already have moved things on; answer with what was created.
     Ok(json_response(StatusCode::CREATED, &order_json(&order)))
 }
@@ -163,32 +122,23 @@ pub async fn list(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiErr
     let q = query(&req);
     let page = Page::from_query(&q)?;
     let status = q.get("status").map(String::as_str);
-    let items =
-        store::list_orders(&app.db, &scope_of(&who), status, page.cursor, page.limit).await?;
+    let items = store::list_orders(
+        &app.ctx.db,
+        &scope_of(&who),
+        status,
+        page.cursor,
+        page.limit,
+    )
+    .await?;
     Ok(json_response(
         StatusCode::OK,
         &page.list(&items, |o| o.id, order_json),
     ))
 }
 
-/// The order if `who` may see it; 404 otherwise (existence not revealed).
-async fn visible_order(app: &App, who: &Identity, id: i64) -> Result<store::Order, ApiError> {
-    let not_found = || ApiError::NotFound(format!("order {id} not found"));
-    let order = store::get_order(&app.db, id).await?.ok_or_else(not_found)?;
-    let offered = who.role == Role::Driver
-        && store::offered_drivers(&app.db, id)
-            .await?
-            .contains(&who.driver_id);
-    if visible(who, &order, offered) {
-        Ok(order)
-    } else {
-        Err(not_found())
-    }
-}
-
 pub async fn get(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
     let who = identity(app, &req)?;
-    let order = visible_order(app, &who, id_segment(id)?).await?;
+    let order = visible_order(&app.ctx, &who, id_segment(id)?).await?;
     Ok(json_response(StatusCode::OK, &order_json(&order)))
 }
 
@@ -229,7 +179,7 @@ pub async fn patch(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<R
             "nothing to change: give status, scheduled_at or driver_id".into(),
         ));
     }
-    let order = domain::update(app, id, status, scheduled_at, driver_id, &who).await?;
+    let order = domain::update(&app.ctx, id, status, scheduled_at, driver_id, &who).await?;
     Ok(json_response(StatusCode::OK, &order_json(&order)))
 }
 
@@ -238,25 +188,25 @@ pub async fn delete(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<
     if !who.role.is_staff() {
         return Err(ApiError::Forbidden("admins only".into()));
     }
-    domain::delete(app, id_segment(id)?).await?;
+    domain::delete(&app.ctx, id_segment(id)?).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
 pub async fn dispatch(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
     let who = identity(app, &req)?;
     require_staff_or_manager(&who)?;
-    let order = visible_order(app, &who, id_segment(id)?).await?;
-    if domain::pickup(&order).is_none() {
+    let order = visible_order(&app.ctx, &who, id_segment(id)?).await?;
+    if pickup(&order).is_none() {
         return Err(ApiError::Rule {
             code: "no_pickup_point",
             message: "the order has no pickup coordinates to dispatch from".into(),
         });
     }
-    let offer = dispatch::dispatch(app, order.id).await?;
+    let offer = dispatch::dispatch(&app.ctx, order.id).await?;
     let mut body = order_json(&order);
     body["offer"] = match offer {
         Some(o) => {
-            json!({"driver_id": o.driver_id, "distance_km": o.distance_km, "expires_at": domain::iso(&o.expires_at)})
+            json!({"driver_id": o.driver_id, "distance_km": o.distance_km, "expires_at": iso(&o.expires_at)})
         }
         None => Value::Null,
     };
@@ -279,7 +229,7 @@ pub async fn nearby(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
     };
     let lat = num("lat")?.ok_or_else(|| ApiError::BadRequest("lat is required".into()))?;
     let lon = num("lon")?.ok_or_else(|| ApiError::BadRequest("lon is required".into()))?;
-    if !(-85.05..=85.05).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+    if !crate::event::valid_point(lat, lon) {
         return Err(ApiError::BadRequest("lat/lon out of range".into()));
     }
     let radius = num("radius_km")?.unwrap_or(app.config.dispatch_radius_km);
@@ -287,15 +237,9 @@ pub async fn nearby(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
         return Err(ApiError::BadRequest("radius_km must be in (0, 500]".into()));
     }
     let limit = Page::from_query(&q)?.limit as usize;
-    let near = app
-        .drivers
-        .nearest(lat, lon, radius, app.config.driver_stale, limit)
-        .await?;
-    let ids: Vec<i64> = near.iter().map(|n| n.driver_id).collect();
-    let busy = store::unavailable_drivers(&app.db, &ids).await?;
+    let near = dispatch::nearby(&app.ctx, lat, lon, radius, limit).await?;
     let items: Vec<Value> = near
         .iter()
-        .filter(|n| !busy.contains(&n.driver_id))
         .map(|n| {
             json!({
                 "driver_id": n.driver_id,

@@ -7,8 +7,8 @@ use hyper::{Request, StatusCode};
 use serde_json::{Value, json};
 
 use super::{ApiError, Page, Resp, id_segment, identity, json_response, query};
-use crate::domain::orders::iso;
-use crate::node::App;
+use crate::app::App;
+use crate::event::iso;
 use crate::store::{self, SyncJob};
 
 fn job_json(j: &SyncJob) -> Value {
@@ -47,7 +47,7 @@ pub async fn list(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiErr
             "status must be pending, delivering, delivered or failed".into(),
         ));
     }
-    let jobs = store::list_sync_jobs(&app.db, status, page.cursor, page.limit).await?;
+    let jobs = store::list_sync_jobs(&app.ctx.db, status, page.cursor, page.limit).await?;
     Ok(json_response(
         StatusCode::OK,
         &page.list(&jobs, |j| j.id, job_json),
@@ -57,9 +57,9 @@ pub async fn list(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiErr
 pub async fn retry(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
     admin(app, &req)?;
     let id = id_segment(id)?;
-    match store::retry_sync_job(&app.db, id).await? {
+    match store::retry_sync_job(&app.ctx.db, id).await? {
         Some(job) => Ok(json_response(StatusCode::OK, &job_json(&job))),
-        None => match store::get_sync_job(&app.db, id).await? {
+        None => match store::get_sync_job(&app.ctx.db, id).await? {
             None => Err(ApiError::NotFound(format!("sync job {id} not found"))),
             Some(j) => Err(ApiError::Conflict(format!(
                 "sync job {id} is {}; only failed jobs are retried",

@@ -24,10 +24,10 @@ use tokio::net::TcpStream;
 
 use super::dialect::{Command, Dialect, Reply};
 use super::frame::{self, DecodeError, Op};
+use super::outbox::{Outbox, close_code};
+use crate::app::App;
 use crate::auth::{AuthError, Identity, Role};
-use crate::hub::{Outbox, close_code};
 use crate::metrics as m;
-use crate::node::App;
 
 /// Frames above `MAX_FRAME_BYTES` but below this are read, refused with an
 /// error, and the socket goes on; above it the stream cannot be resynced

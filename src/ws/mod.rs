@@ -1,9 +1,10 @@
 //! WebSocket endpoints: which path speaks which dialect, where the token is,
 //! and the upgrade. The per-socket tasks live in [`conn`].
 
-pub mod conn;
+pub(crate) mod conn;
 pub mod dialect;
-pub mod frame;
+pub(crate) mod frame;
+pub(crate) mod outbox;
 
 use std::sync::Arc;
 
@@ -12,13 +13,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
-use crate::node::App;
+use crate::app::App;
 use dialect::Dialect;
 
 /// The dialect served at `path`, and a token carried in the path (driver
 /// endpoint, seed 001: `/ws/driver/orders/{token}` with or without a trailing
 /// slash).
-pub fn endpoint(path: &str) -> Option<(Dialect, Option<String>)> {
+pub(crate) fn endpoint(path: &str) -> Option<(Dialect, Option<String>)> {
     match path {
         "/" => Some((Dialect::Rooms, None)),
         "/ws" | "/ws/" => Some((Dialect::Events, None)),
@@ -33,7 +34,7 @@ pub fn endpoint(path: &str) -> Option<(Dialect, Option<String>)> {
 }
 
 /// The token of a request: `?token=`, else the path, else `Authorization: Bearer`.
-pub fn token_of<B>(req: &Request<B>, path_token: Option<String>) -> Option<String> {
+pub(crate) fn token_of<B>(req: &Request<B>, path_token: Option<String>) -> Option<String> {
     req.uri()
         .query()
         .and_then(|q| {
@@ -46,7 +47,7 @@ pub fn token_of<B>(req: &Request<B>, path_token: Option<String>) -> Option<Strin
         .or_else(|| bearer(req))
 }
 
-pub fn bearer<B>(req: &Request<B>) -> Option<String> {
+pub(crate) fn bearer<B>(req: &Request<B>) -> Option<String> {
     let h = req
         .headers()
         .get(hyper::header::AUTHORIZATION)?
@@ -60,25 +61,20 @@ pub fn bearer<B>(req: &Request<B>) -> Option<String> {
 
 /// Answers the upgrade and spawns the socket's task. The token is checked
 /// here, but a refusal is told over the socket (error message, then close
-/// 4001/4003), as the seeds' clients expect.
-pub fn upgrade(
+/// 4001/4003), as the seeds' clients expect. A request that is not a valid
+/// upgrade is refused with the reason (the caller answers 400).
+pub(crate) fn upgrade(
     app: Arc<App>,
     mut req: Request<Incoming>,
     dialect: Dialect,
     path_token: Option<String>,
-) -> Response<Full<Bytes>> {
+) -> Result<Response<Full<Bytes>>, fastwebsockets::WebSocketError> {
     let token = token_of(&req, path_token);
     let auth = app.verifier.verify(token.as_deref());
-    match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok((resp, fut)) => {
-            let tracker = app.tracker.clone();
-            tracker.spawn(conn::serve(app, fut, dialect, auth));
-            resp.map(|_| Full::new(Bytes::new()))
-        }
-        Err(e) => crate::http::error_response(crate::http::ApiError::BadRequest(format!(
-            "bad WebSocket upgrade: {e}"
-        ))),
-    }
+    let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
+    let tracker = app.tracker.clone();
+    tracker.spawn(conn::serve(app, fut, dialect, auth));
+    Ok(resp.map(|_| Full::new(Bytes::new())))
 }
 
 #[cfg(test)]

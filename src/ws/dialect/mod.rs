@@ -14,7 +14,7 @@ mod rooms;
 
 use serde_json::{Map, Value, json};
 
-use crate::event::Event;
+use crate::event::{Event, Position};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dialect {
@@ -31,15 +31,7 @@ pub enum Command {
     Ping,
     JoinRoom(String),
     LeaveRoom(String),
-    Location(Location),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Location {
-    pub latitude: f64,
-    pub longitude: f64,
-    pub heading: Option<f64>,
-    pub speed: Option<f64>,
+    Location(Position),
 }
 
 /// A message the client sent that cannot be acted on. The socket stays open
@@ -230,34 +222,19 @@ fn room_id(body: &Map<String, Value>) -> Result<String, ProtoError> {
 fn number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, ProtoError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
+        Some(v) => crate::event::number(v)
             .map(Some)
             .ok_or_else(|| ProtoError::BadField(format!("{key} must be a number"))),
-        Some(_) => Err(ProtoError::BadField(format!("{key} must be a number"))),
     }
 }
 
-fn location(body: &Map<String, Value>) -> Result<Location, ProtoError> {
+fn location(body: &Map<String, Value>) -> Result<Position, ProtoError> {
     let lat = number(body, "latitude")?
         .ok_or_else(|| ProtoError::BadField("latitude is required".into()))?;
     let lon = number(body, "longitude")?
         .ok_or_else(|| ProtoError::BadField("longitude is required".into()))?;
-    if !(-85.05..=85.05).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-        return Err(ProtoError::BadField(
-            "latitude must be within ±85.05 and longitude within ±180".into(),
-        ));
-    }
-    Ok(Location {
-        latitude: lat,
-        longitude: lon,
-        heading: number(body, "heading")?,
-        speed: number(body, "speed")?,
-    })
+    Position::new(lat, lon, number(body, "heading")?, number(body, "speed")?)
+        .map_err(|e| ProtoError::BadField(e.to_string()))
 }
 
 #[cfg(test)]
@@ -281,12 +258,9 @@ mod tests {
         assert_eq!(
             Dialect::Driver
                 .parse(br#"{"type":"location","latitude":41.3,"longitude":"69.2","speed":3}"#),
-            Ok(Command::Location(Location {
-                latitude: 41.3,
-                longitude: 69.2,
-                heading: None,
-                speed: Some(3.0)
-            }))
+            Ok(Command::Location(
+                Position::new(41.3, 69.2, None, Some(3.0)).unwrap()
+            ))
         );
     }
 

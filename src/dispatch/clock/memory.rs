@@ -1,0 +1,101 @@
+//! The embedded offer clock: an ordered set behind a mutex.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use super::{Claimed, ClockError, OfferClock};
+use crate::lock::lock;
+
+/// Deadlines ordered by time, and each offer's deadline (for cancel).
+#[derive(Default)]
+struct Deadlines {
+    by_time: BTreeSet<(i64, i64)>,
+    by_offer: HashMap<i64, i64>,
+}
+
+#[derive(Default)]
+pub struct MemoryClock {
+    inner: Mutex<Deadlines>,
+}
+
+impl OfferClock for MemoryClock {
+    async fn schedule(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        let mut g = lock(&self.inner);
+        if let Some(old) = g.by_offer.insert(offer_id, deadline_ms) {
+            g.by_time.remove(&(old, offer_id));
+        }
+        g.by_time.insert((deadline_ms, offer_id));
+        Ok(())
+    }
+
+    async fn seed(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+        let mut g = lock(&self.inner);
+        let g = &mut *g;
+        if let std::collections::hash_map::Entry::Vacant(e) = g.by_offer.entry(offer_id) {
+            e.insert(deadline_ms);
+            g.by_time.insert((deadline_ms, offer_id));
+        }
+        Ok(())
+    }
+
+    async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
+        let mut g = lock(&self.inner);
+        if let Some(old) = g.by_offer.remove(&offer_id) {
+            g.by_time.remove(&(old, offer_id));
+        }
+        Ok(())
+    }
+
+    async fn claim_due(&self, now_ms: i64, max: usize) -> Result<Claimed, ClockError> {
+        let mut g = lock(&self.inner);
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(&(deadline, id)) = g.by_time.first() else {
+                break;
+            };
+            if deadline > now_ms {
+                break;
+            }
+            g.by_time.pop_first();
+            g.by_offer.remove(&id);
+            out.push(id);
+        }
+        Ok(Claimed {
+            ids: out,
+            next_ms: g.by_time.first().map(|(deadline, _)| *deadline),
+        })
+    }
+
+    async fn done(&self, _offer_id: i64) -> Result<(), ClockError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_clock_claims_due_once() {
+        let c = MemoryClock::default();
+        c.schedule(1, 100).await.unwrap();
+        c.schedule(2, 200).await.unwrap();
+        c.schedule(3, 50).await.unwrap();
+        c.cancel(3).await.unwrap();
+        assert_eq!(
+            c.claim_due(150, 10).await.unwrap(),
+            Claimed {
+                ids: vec![1],
+                next_ms: Some(200)
+            }
+        );
+        assert!(c.claim_due(150, 10).await.unwrap().ids.is_empty());
+        c.schedule(2, 120).await.unwrap();
+        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![2]);
+        // A re-seed does not move a deadline that is still scheduled.
+        c.schedule(4, 300).await.unwrap();
+        c.seed(4, 100).await.unwrap();
+        c.seed(5, 140).await.unwrap();
+        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![5]);
+    }
+}

@@ -1,0 +1,193 @@
+//! Offers: create under the "one open offer per driver / per order"
+//! indexes, end exactly once, accept, and the reads dispatch needs.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    TransactionTrait, Value,
+};
+use std::collections::HashSet;
+
+use super::sync::enqueue_sync;
+use super::{Offer, Order, StoreError, is_unique_violation, stmt};
+use entity::{offer, order};
+
+// ---------------------------------------------------------------- offers
+
+/// Creates an open offer; `None` when the driver or the order already has
+/// one (the partial unique indexes decide, so racing dispatchers are safe),
+/// or when the order is gone or no longer waiting for a driver (checked in
+/// the same statement, so a delete or an accept racing a dispatch wins).
+pub async fn create_offer(
+    db: &DatabaseConnection,
+    order_id: i64,
+    driver_id: i64,
+    distance_km: f64,
+    expires_at: DateTime<Utc>,
+    assignable: &[&str],
+) -> Result<Option<Offer>, StoreError> {
+    let marks = vec!["?"; assignable.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO offers (order_id, driver_id, status, distance_km, created_at, expires_at) \
+         SELECT ?, ?, 'open', ?, ?, ? WHERE EXISTS (SELECT 1 FROM orders WHERE id = ? \
+         AND driver_id IS NULL AND status IN ({marks})) RETURNING *"
+    );
+    let mut values: Vec<Value> = vec![
+        order_id.into(),
+        driver_id.into(),
+        distance_km.into(),
+        Utc::now().into(),
+        expires_at.into(),
+        order_id.into(),
+    ];
+    values.extend(assignable.iter().map(|s| Value::from(*s)));
+    let r = offer::Entity::find()
+        .from_raw_sql(stmt(db, &sql, values))
+        .one(db)
+        .await;
+    match r {
+        Ok(o) => Ok(o),
+        Err(e) if is_unique_violation(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves an offer out of `open` to `status`; returns it if this call did
+/// (exactly one caller ever gets `Some` for an offer).
+pub async fn end_offer(
+    db: &impl ConnectionTrait,
+    offer_id: i64,
+    status: &str,
+) -> Result<Option<Offer>, StoreError> {
+    // One round trip: the conditional UPDATE returns the row it changed.
+    let st = stmt(
+        db,
+        "UPDATE offers SET status = ?, ended_at = ? WHERE id = ? AND status = 'open' RETURNING *",
+        vec![status.into(), Utc::now().into(), offer_id.into()],
+    );
+    Ok(offer::Entity::find().from_raw_sql(st).one(db).await?)
+}
+
+pub async fn open_offer_of_order(
+    db: &DatabaseConnection,
+    order_id: i64,
+) -> Result<Option<Offer>, StoreError> {
+    Ok(offer::Entity::find()
+        .filter(offer::Column::OrderId.eq(order_id))
+        .filter(offer::Column::Status.eq("open"))
+        .one(db)
+        .await?)
+}
+
+pub async fn open_offers_of_driver(
+    db: &DatabaseConnection,
+    driver_id: i64,
+) -> Result<Vec<Offer>, StoreError> {
+    Ok(offer::Entity::find()
+        .filter(offer::Column::DriverId.eq(driver_id))
+        .filter(offer::Column::Status.eq("open"))
+        .order_by_asc(offer::Column::Id)
+        .all(db)
+        .await?)
+}
+
+/// Every open offer (deadlines are re-seeded from these at start).
+pub async fn open_offers(db: &DatabaseConnection) -> Result<Vec<Offer>, StoreError> {
+    Ok(offer::Entity::find()
+        .filter(offer::Column::Status.eq("open"))
+        .all(db)
+        .await?)
+}
+
+/// Drivers this order was already offered to.
+pub async fn offered_drivers(
+    db: &DatabaseConnection,
+    order_id: i64,
+) -> Result<HashSet<i64>, StoreError> {
+    Ok(offer::Entity::find()
+        .filter(offer::Column::OrderId.eq(order_id))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|o| o.driver_id)
+        .collect())
+}
+
+/// Of `drivers`, those who cannot take an offer now: holding an open offer,
+/// or carrying an accepted order not yet delivered.
+pub async fn unavailable_drivers(
+    db: &DatabaseConnection,
+    drivers: &[i64],
+) -> Result<HashSet<i64>, StoreError> {
+    if drivers.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut out: HashSet<i64> = offer::Entity::find()
+        .filter(offer::Column::DriverId.is_in(drivers.to_vec()))
+        .filter(offer::Column::Status.eq("open"))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|o| o.driver_id)
+        .collect();
+    out.extend(
+        order::Entity::find()
+            .filter(order::Column::DriverId.is_in(drivers.to_vec()))
+            .filter(order::Column::Status.is_in(["accepted", "picked_up"]))
+            .all(db)
+            .await?
+            .into_iter()
+            .filter_map(|o| o.driver_id),
+    );
+    Ok(out)
+}
+
+/// Accepts an open, unexpired offer and assigns its driver in one
+/// transaction; `None` when the offer is no longer open or the order moved
+/// past the point a driver can take it.
+pub async fn accept_offer(
+    db: &DatabaseConnection,
+    offer: &Offer,
+    assignable: &[&str],
+    sync: bool,
+) -> Result<Option<Order>, StoreError> {
+    let txn = db.begin().await?;
+    let now = Utc::now();
+    let n = offer::Entity::update_many()
+        .col_expr(offer::Column::Status, Expr::value("accepted"))
+        .col_expr(offer::Column::EndedAt, Expr::value(now))
+        .filter(offer::Column::Id.eq(offer.id))
+        .filter(offer::Column::Status.eq("open"))
+        .filter(offer::Column::ExpiresAt.gt(now))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if n == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    let n = order::Entity::update_many()
+        .col_expr(order::Column::Status, Expr::value("accepted"))
+        .col_expr(order::Column::DriverId, Expr::value(offer.driver_id))
+        .col_expr(
+            order::Column::Version,
+            Expr::col(order::Column::Version).add(1),
+        )
+        .col_expr(order::Column::UpdatedAt, Expr::value(now))
+        .filter(order::Column::Id.eq(offer.order_id))
+        .filter(order::Column::Status.is_in(assignable.iter().copied()))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if n == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    let o = order::Entity::find_by_id(offer.order_id).one(&txn).await?;
+    if sync {
+        enqueue_sync(&txn, offer.order_id, "updated").await?;
+    }
+    txn.commit().await?;
+    Ok(o)
+}

@@ -1,0 +1,238 @@
+//! Orders: create (with the bonus debit), read, list by scope, change
+//! from a known version, delete.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionTrait,
+};
+
+use super::bonuses::{BonusChange, balance_in, credit_in, record_operation};
+use super::offers::end_offer;
+use super::sync::enqueue_sync;
+use super::{Offer, Order, StoreError, exec};
+use entity::{offer, order};
+
+// ---------------------------------------------------------------- orders
+
+/// The fields of a new order, validated by the domain layer.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub order_type: String,
+    pub user_id: i64,
+    pub city_id: i64,
+    pub address_from: String,
+    pub address_to: String,
+    pub latitude_from: Option<String>,
+    pub longitude_from: Option<String>,
+    pub latitude_to: Option<String>,
+    pub longitude_to: Option<String>,
+    pub total: f64,
+    pub bonuses_used: f64,
+    pub bonuses_earned: f64,
+    pub scheduled_at: Option<DateTime<Utc>>,
+}
+
+/// Inserts an order, debiting `bonuses_used` from the creator's balance in
+/// the same transaction (refused when the balance is short).
+pub async fn create_order(
+    db: &DatabaseConnection,
+    new: NewOrder,
+    sync: bool,
+) -> Result<(Order, Option<BonusChange>), StoreError> {
+    let txn = db.begin().await?;
+    let now = Utc::now();
+    let needed = new.bonuses_used;
+    if needed > 0.0 {
+        // Write first: the debit is conditional on the balance, so it can
+        // never go negative, however many debits race.
+        let n = exec(
+            &txn,
+            "UPDATE bonus_accounts SET balance = balance - ?, updated_at = ? WHERE user_id = ? AND balance >= ?",
+            vec![needed.into(), now.into(), new.user_id.into(), needed.into()],
+        )
+        .await?;
+        if n == 0 {
+            let balance = balance_in(&txn, new.user_id).await?;
+            txn.rollback().await?;
+            return Err(StoreError::InsufficientBonuses { balance, needed });
+        }
+    }
+    let model = order::ActiveModel {
+        order_type: Set(new.order_type),
+        status: Set("pending".into()),
+        user_id: Set(new.user_id),
+        city_id: Set(new.city_id),
+        driver_id: Set(None),
+        address_from: Set(new.address_from),
+        address_to: Set(new.address_to),
+        latitude_from: Set(new.latitude_from),
+        longitude_from: Set(new.longitude_from),
+        latitude_to: Set(new.latitude_to),
+        longitude_to: Set(new.longitude_to),
+        total: Set(new.total),
+        bonuses_used: Set(new.bonuses_used),
+        bonuses_earned: Set(new.bonuses_earned),
+        scheduled_at: Set(new.scheduled_at),
+        created_at: Set(now),
+        updated_at: Set(now),
+        version: Set(1),
+        ..Default::default()
+    }
+    .insert(&txn)
+    .await?;
+    let change = if needed > 0.0 {
+        let balance = balance_in(&txn, model.user_id).await?;
+        record_operation(&txn, model.user_id, model.id, "used", needed, balance).await?;
+        Some(BonusChange {
+            user_id: model.user_id,
+            kind: "used",
+            amount: needed,
+            balance,
+            order_id: model.id,
+        })
+    } else {
+        None
+    };
+    if sync {
+        enqueue_sync(&txn, model.id, "created").await?;
+    }
+    txn.commit().await?;
+    Ok((model, change))
+}
+
+pub async fn get_order(db: &DatabaseConnection, id: i64) -> Result<Option<Order>, StoreError> {
+    Ok(order::Entity::find_by_id(id).one(db).await?)
+}
+
+/// Who may see which orders.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    All,
+    Cities(Vec<i64>),
+    User(i64),
+    /// Orders offered to or assigned to the driver.
+    Driver(i64),
+}
+
+pub async fn list_orders(
+    db: &DatabaseConnection,
+    scope: &Scope,
+    status: Option<&str>,
+    cursor: Option<i64>,
+    limit: u64,
+) -> Result<Vec<Order>, StoreError> {
+    let mut q = order::Entity::find();
+    q = match scope {
+        Scope::All => q,
+        Scope::Cities(c) => q.filter(order::Column::CityId.is_in(c.clone())),
+        Scope::User(u) => q.filter(order::Column::UserId.eq(*u)),
+        Scope::Driver(d) => q.filter(
+            order::Column::DriverId
+                .eq(*d)
+                .or(order::Column::Id.in_subquery(
+                    Query::select()
+                        .column(offer::Column::OrderId)
+                        .from(offer::Entity)
+                        .and_where(offer::Column::DriverId.eq(*d))
+                        .to_owned(),
+                )),
+        ),
+    };
+    if let Some(s) = status {
+        q = q.filter(order::Column::Status.eq(s));
+    }
+    if let Some(c) = cursor {
+        q = q.filter(order::Column::Id.lt(c));
+    }
+    Ok(q.order_by_desc(order::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Changes to an order; `None` = leave as is.
+#[derive(Debug, Clone, Default)]
+pub struct OrderChanges {
+    pub status: Option<String>,
+    pub scheduled_at: Option<Option<DateTime<Utc>>>,
+    pub driver_id: Option<Option<i64>>,
+}
+
+/// Applies `changes` if the order is still at `version`; returns the new
+/// order (None when someone else changed it first) and, when the status
+/// became `completed`, the bonus credit made in the same transaction.
+pub async fn update_order(
+    db: &DatabaseConnection,
+    current: &Order,
+    changes: &OrderChanges,
+    sync: bool,
+) -> Result<Option<(Order, Option<BonusChange>)>, StoreError> {
+    let txn = db.begin().await?;
+    let now = Utc::now();
+    let mut q = order::Entity::update_many()
+        .col_expr(
+            order::Column::Version,
+            Expr::col(order::Column::Version).add(1),
+        )
+        .col_expr(order::Column::UpdatedAt, Expr::value(now));
+    if let Some(s) = &changes.status {
+        q = q.col_expr(order::Column::Status, Expr::value(s.clone()));
+    }
+    if let Some(s) = changes.scheduled_at {
+        q = q.col_expr(order::Column::ScheduledAt, Expr::value(s));
+    }
+    if let Some(d) = changes.driver_id {
+        q = q.col_expr(order::Column::DriverId, Expr::value(d));
+    }
+    let n = q
+        .filter(order::Column::Id.eq(current.id))
+        .filter(order::Column::Version.eq(current.version))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if n == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    let mut credit = None;
+    if changes.status.as_deref() == Some("completed") && current.bonuses_earned > 0.0 {
+        credit = credit_in(&txn, current.user_id, current.id, current.bonuses_earned).await?;
+    }
+    let updated = order::Entity::find_by_id(current.id)
+        .one(&txn)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("order vanished in its own transaction".into()))?;
+    if sync {
+        enqueue_sync(&txn, current.id, "updated").await?;
+    }
+    txn.commit().await?;
+    Ok(Some((updated, credit)))
+}
+
+/// Deletes an order; open offers of it are ended as `cancelled` and returned.
+pub async fn delete_order(
+    db: &DatabaseConnection,
+    id: i64,
+    sync: bool,
+) -> Result<Vec<Offer>, StoreError> {
+    let open = offer::Entity::find()
+        .filter(offer::Column::OrderId.eq(id))
+        .filter(offer::Column::Status.eq("open"))
+        .all(db)
+        .await?;
+    let mut ended = Vec::new();
+    for o in open {
+        if let Some(o) = end_offer(db, o.id, "cancelled").await? {
+            ended.push(o);
+        }
+    }
+    let txn = db.begin().await?;
+    order::Entity::delete_by_id(id).exec(&txn).await?;
+    if sync {
+        enqueue_sync(&txn, id, "deleted").await?;
+    }
+    txn.commit().await?;
+    Ok(ended)
+}
