@@ -18,6 +18,8 @@ use crate::event::Event;
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    #[error("broker unavailable: {0}")]
+    Redis(#[from] crate::redis_conn::RedisError),
     #[error("broker timed out")]
     Timeout,
 }

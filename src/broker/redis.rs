@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError, Sink};
 use crate::event::Event;
 use crate::metrics as m;
+use crate::redis_conn::RedisError;
 
 /// Broker messages handed to the hub as one batch at most.
 const READ_BATCH: usize = 256;
@@ -35,7 +36,7 @@ const MAX_BATCH: usize = 512;
 struct PubItem {
     channels: Vec<String>,
     payload: Bytes,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), RedisError>>,
 }
 
 enum SubCmd {
@@ -110,7 +111,7 @@ impl Broker for RedisBroker {
                 metrics::counter!(m::BROKER_PUBLISHED).increment(n);
                 Ok(())
             }
-            Ok(Ok(Err(e))) => Err(BrokerError::Unavailable(e)),
+            Ok(Ok(Err(e))) => Err(BrokerError::Redis(e)),
             Ok(Err(_)) => Err(BrokerError::Unavailable("publisher stopped".into())),
             Err(_) => Err(BrokerError::Timeout),
         }
@@ -149,15 +150,15 @@ async fn run_publisher(pool: deadpool_redis::Pool, mut rx: mpsc::Receiver<PubIte
                 conn = Some(
                     timeout(OP_TIMEOUT, pool.get())
                         .await
-                        .map_err(|_| "timed out connecting to Redis".to_string())?
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|_| RedisError::Timeout)?
+                        .map_err(|e| RedisError::Command(e.to_string()))?,
                 );
             }
             let c = conn.as_mut().expect("set just above");
             timeout(OP_TIMEOUT, pipe.exec_async(c))
                 .await
-                .map_err(|_| "Redis publish timed out".to_string())?
-                .map_err(|e| e.to_string())
+                .map_err(|_| RedisError::Timeout)?
+                .map_err(|e| RedisError::Command(e.to_string()))
         }
         .await;
         metrics::histogram!(m::REDIS_DURATION, "op" => "publish")
@@ -217,11 +218,11 @@ impl Subscriber {
         &self,
         generation: u64,
         cmds: &mut mpsc::UnboundedReceiver<SubCmd>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RedisError> {
         let pubsub = timeout(OP_TIMEOUT, self.client.get_async_pubsub())
             .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| RedisError::Timeout)?
+            .map_err(|e| RedisError::Command(e.to_string()))?;
         let (mut psink, mut stream) = pubsub.split();
         let mut subscribed: HashSet<String> = HashSet::new();
         let wanted = self.sink.rooms();
@@ -229,8 +230,8 @@ impl Subscriber {
             let chans: Vec<String> = wanted.iter().map(|r| self.channel(r)).collect();
             timeout(OP_TIMEOUT, psink.subscribe(chans))
                 .await
-                .map_err(|_| "subscribe timed out".to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| RedisError::Timeout)?
+                .map_err(|e| RedisError::Command(e.to_string()))?;
             subscribed.extend(wanted);
         }
         // Reader: straight into the hub, which never waits on a socket.
@@ -304,7 +305,7 @@ impl Subscriber {
                                 "redis connection lost".into(),
                             )));
                         }
-                        return Err("pub/sub connection closed".into());
+                        return Err(RedisError::Command("pub/sub connection closed".into()));
                     }
                     SubCmd::Lost(_) => {}
                 }
@@ -326,17 +327,17 @@ impl Subscriber {
                     let chans: Vec<String> = to_sub.iter().map(|r| self.channel(r)).collect();
                     timeout(OP_TIMEOUT, psink.subscribe(chans))
                         .await
-                        .map_err(|_| "subscribe timed out".to_string())?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|_| RedisError::Timeout)?
+                        .map_err(|e| RedisError::Command(e.to_string()))?;
                 }
                 if !to_unsub.is_empty() {
                     let chans: Vec<String> = to_unsub.iter().map(|r| self.channel(r)).collect();
                     timeout(OP_TIMEOUT, psink.unsubscribe(chans))
                         .await
-                        .map_err(|_| "unsubscribe timed out".to_string())?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|_| RedisError::Timeout)?
+                        .map_err(|e| RedisError::Command(e.to_string()))?;
                 }
-                Ok::<(), String>(())
+                Ok::<(), RedisError>(())
             }
             .await;
             if !to_sub.is_empty() || !to_unsub.is_empty() {
@@ -355,7 +356,7 @@ impl Subscriber {
                 }
                 Err(e) => {
                     for w in waiters {
-                        let _ = w.send(Err(BrokerError::Unavailable(e.clone())));
+                        let _ = w.send(Err(BrokerError::Redis(e.clone())));
                     }
                     return Err(e);
                 }
