@@ -70,32 +70,3 @@ impl OfferClock for MemoryClock {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn memory_clock_claims_due_once() {
-        let c = MemoryClock::default();
-        c.schedule(1, 100).await.unwrap();
-        c.schedule(2, 200).await.unwrap();
-        c.schedule(3, 50).await.unwrap();
-        c.cancel(3).await.unwrap();
-        assert_eq!(
-            c.claim_due(150, 10).await.unwrap(),
-            Claimed {
-                ids: vec![1],
-                next_ms: Some(200)
-            }
-        );
-        assert!(c.claim_due(150, 10).await.unwrap().ids.is_empty());
-        c.schedule(2, 120).await.unwrap();
-        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![2]);
-        // A re-seed does not move a deadline that is still scheduled.
-        c.schedule(4, 300).await.unwrap();
-        c.seed(4, 100).await.unwrap();
-        c.seed(5, 140).await.unwrap();
-        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![5]);
-    }
-}

@@ -94,3 +94,66 @@ impl OfferClock for AnyClock {
         }
     }
 }
+
+/// One contract, run against both implementations; the lease takeover is
+/// the Redis clock's alone (the memory clock lives and dies with its node).
+#[cfg(test)]
+mod contract {
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn claims_due_once(c: &impl OfferClock) {
+        c.schedule(1, 100).await.unwrap();
+        c.schedule(2, 200).await.unwrap();
+        c.schedule(3, 50).await.unwrap();
+        c.cancel(3).await.unwrap();
+        assert_eq!(
+            c.claim_due(150, 10).await.unwrap(),
+            Claimed {
+                ids: vec![1],
+                next_ms: Some(200)
+            }
+        );
+        assert!(c.claim_due(150, 10).await.unwrap().ids.is_empty());
+        c.schedule(2, 120).await.unwrap();
+        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![2]);
+        // A re-seed does not move a deadline that is still scheduled.
+        c.schedule(4, 300).await.unwrap();
+        c.seed(4, 100).await.unwrap();
+        c.seed(5, 140).await.unwrap();
+        assert_eq!(c.claim_due(150, 10).await.unwrap().ids, vec![5]);
+        // At most `max` per claim, earliest first.
+        for id in 10..15 {
+            c.schedule(id, 1000 + id).await.unwrap();
+        }
+        assert_eq!(c.claim_due(2000, 2).await.unwrap().ids, vec![4, 10]);
+        assert_eq!(
+            c.claim_due(2000, 10).await.unwrap().ids,
+            vec![11, 12, 13, 14]
+        );
+        for id in [1, 2, 4, 5, 10, 11, 12, 13, 14] {
+            c.done(id).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_clock() {
+        claims_due_once(&MemoryClock::default()).await;
+    }
+
+    #[tokio::test]
+    async fn redis_clock() {
+        let redis = switchboard_testkit::RedisServer::start();
+        let pool = crate::redis_conn::pool(&redis.url()).unwrap();
+        let c = RedisClock::new(pool, "sbtest:", Duration::from_secs(30));
+        claims_due_once(&c).await;
+        // A claim whose node died is claimed again once its lease ran out,
+        // and a re-seed does not steal a live lease.
+        c.schedule(20, 5000).await.unwrap();
+        assert_eq!(c.claim_due(5000, 10).await.unwrap().ids, vec![20]);
+        c.seed(20, 5000).await.unwrap();
+        assert!(c.claim_due(5001, 10).await.unwrap().ids.is_empty());
+        assert_eq!(c.claim_due(5000 + 30_001, 10).await.unwrap().ids, vec![20]);
+    }
+}

@@ -115,3 +115,63 @@ impl DriverIndex for AnyIndex {
         }
     }
 }
+
+/// One contract, run against both implementations: the memory index and
+/// the Redis one on a `redis-server` of the test's own.
+#[cfg(test)]
+mod contract {
+    use super::*;
+
+    #[test]
+    fn haversine_matches_a_known_distance() {
+        // Tashkent points from seed 001: about 1.29 km apart.
+        let d = haversine_km(41.311081, 69.240562, 41.299496, 69.240074);
+        assert!((d - 1.289).abs() < 0.01, "{d}");
+    }
+
+    fn ids(n: &[Nearby]) -> Vec<i64> {
+        n.iter().map(|n| n.driver_id).collect()
+    }
+
+    async fn nearest_filters_and_sorts(i: &impl DriverIndex) {
+        let fresh = Duration::from_secs(60);
+        i.put(1, 41.30, 69.24).await.unwrap();
+        i.put(2, 41.31, 69.24).await.unwrap();
+        i.put(3, 45.0, 69.24).await.unwrap();
+        i.set_available(2, false).await.unwrap();
+        let n = i.nearest(41.30, 69.24, 10.0, fresh, 10).await.unwrap();
+        assert_eq!(ids(&n), vec![1], "unavailable and far drivers are skipped");
+        i.set_available(2, true).await.unwrap();
+        let n = i.nearest(41.309, 69.24, 10.0, fresh, 10).await.unwrap();
+        assert_eq!(ids(&n), vec![2, 1], "nearest first");
+        assert!((n[0].distance_km - 0.111).abs() < 0.01, "{n:?}");
+        assert_eq!(ids(&i.nearest(41.309, 69.24, 10.0, fresh, 1).await.unwrap()), vec![2]);
+        // A driver unknown to the index that says "unavailable" stays out
+        // once it reports a position.
+        i.set_available(4, false).await.unwrap();
+        i.put(4, 41.30, 69.24).await.unwrap();
+        let n = i.nearest(41.30, 69.24, 10.0, fresh, 10).await.unwrap();
+        assert!(!ids(&n).contains(&4), "{n:?}");
+        let (lat, lon) = i.position(1).await.unwrap().expect("a position");
+        assert!((lat - 41.30).abs() < 1e-4 && (lon - 69.24).abs() < 1e-4);
+        assert_eq!(i.position(99).await.unwrap(), None);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let n = i
+            .nearest(41.30, 69.24, 10.0, Duration::from_millis(1), 10)
+            .await
+            .unwrap();
+        assert!(n.is_empty(), "stale drivers are skipped: {n:?}");
+    }
+
+    #[tokio::test]
+    async fn memory_index() {
+        nearest_filters_and_sorts(&MemoryIndex::default()).await;
+    }
+
+    #[tokio::test]
+    async fn redis_index() {
+        let redis = switchboard_testkit::RedisServer::start();
+        let pool = crate::redis_conn::pool(&redis.url()).unwrap();
+        nearest_filters_and_sorts(&RedisIndex::new(pool, "sbtest:")).await;
+    }
+}
