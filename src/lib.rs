@@ -22,8 +22,6 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod store;
-#[doc(hidden)]
-pub mod testkit;
 pub mod ws;
 
 pub use config::Config;

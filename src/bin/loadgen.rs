@@ -23,8 +23,8 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use switchboard::testkit::{NodeProcess, RedisServer, http, mint};
 use switchboard_client::{Incoming, Socket};
+use switchboard_testkit::{NodeProcess, RedisServer, http, mint};
 
 const SECRET: &[u8] = b"loadgen-secret-0123456789abcdef";
 const API_KEY: &str = "loadgen-key";

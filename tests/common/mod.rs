@@ -33,7 +33,7 @@ pub fn init_tracing() {
 
 // Not every test binary uses both.
 #[allow(unused_imports)]
-pub use switchboard::testkit::{RedisServer, free_port};
+pub use switchboard_testkit::{RedisServer, free_port};
 
 /// A database shared by the nodes of one test cluster: a SQLite file in a
 /// temp dir, or a fresh PostgreSQL database (dropped on drop).
@@ -260,7 +260,7 @@ pub async fn http_raw(
     headers: &[(&str, &str)],
     body: Option<String>,
 ) -> (u16, Bytes) {
-    switchboard::testkit::http(addr, method, path, headers, body)
+    switchboard_testkit::http(addr, method, path, headers, body)
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }

@@ -1,6 +1,7 @@
-//! Support for the integration tests and the load generator: process guards
+//! Process guards for switchboard's integration tests and load generator
 //! (`redis-server`, node processes) that kill what they started on drop, a
-//! free-port finder and a minimal HTTP/1 client. Not used by the server.
+//! free-port finder, a minimal HTTP/1 client and a token minter. It never
+//! depends on the server crate: nodes are started as processes of its binary.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
