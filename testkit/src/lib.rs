@@ -4,7 +4,7 @@
 //! depends on the server crate: nodes are started as processes of its binary.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -99,45 +99,162 @@ impl Drop for RedisServer {
     }
 }
 
-/// A `switchboard serve` process on a free loopback port, killed on drop.
+/// A `switchboard serve` process (or a binary that answers the same probes,
+/// like the bench's `baseline`) on a free loopback port, SIGKILLed on drop.
 pub struct NodeProcess {
     pub addr: SocketAddr,
     child: Option<Child>,
+    /// The file stdout and stderr go to, in a temp dir that lives as long as
+    /// the guard ([`Launch::log_file`]).
+    log: Option<(PathBuf, tempfile::TempDir)>,
+}
+
+/// How to start a [`NodeProcess`]: `NodeProcess::launch(binary)`, then
+/// options, then [`Launch::start`].
+pub struct Launch {
+    binary: PathBuf,
+    env: Vec<(String, String)>,
+    clean_env: bool,
+    log_file: bool,
+    probe: &'static str,
+    within: Duration,
+}
+
+impl Launch {
+    /// One more environment variable (applied after the defaults, in order).
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Launch {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+
+    pub fn envs<V: AsRef<str>>(mut self, env: &[(&str, V)]) -> Launch {
+        for (k, v) in env {
+            self.env.push((k.to_string(), v.as_ref().to_string()));
+        }
+        self
+    }
+
+    /// Starts from an empty environment instead of inheriting this process's.
+    pub fn clean_env(mut self) -> Launch {
+        self.clean_env = true;
+        self
+    }
+
+    /// Sends stdout and stderr to a file, readable with
+    /// [`NodeProcess::log_text`] (default: stdout discarded, stderr inherited).
+    pub fn log_file(mut self) -> Launch {
+        self.log_file = true;
+        self
+    }
+
+    /// Waits for `GET /readyz` to answer 200 instead of `GET /healthz`.
+    pub fn wait_ready(mut self) -> Launch {
+        self.probe = "/readyz";
+        self
+    }
+
+    /// How long to wait for the probe (default 30 s).
+    pub fn within(mut self, within: Duration) -> Launch {
+        self.within = within;
+        self
+    }
+
+    /// Starts `binary serve` with `SWITCHBOARD_LISTEN` on a free port and
+    /// `RUST_LOG` (this process's, or `warn`) before the given variables, and
+    /// waits until the probe answers 200. Panics (with the log, when there is
+    /// one) if the process exits first or the probe does not answer in time.
+    pub async fn start(self) -> NodeProcess {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("serve");
+        if self.clean_env {
+            cmd.env_clear();
+        }
+        cmd.env("SWITCHBOARD_LISTEN", addr.to_string())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+        let log = if self.log_file {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("switchboard.log");
+            let out = std::fs::File::create(&path).expect("log file");
+            let err = out.try_clone().expect("log file");
+            cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+            Some((path, dir))
+        } else {
+            cmd.stdout(Stdio::null());
+            None
+        };
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("{} does not start: {e}", self.binary.display());
+        });
+        let mut node = NodeProcess {
+            addr,
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + self.within;
+        loop {
+            if let Ok((200, _)) = http(addr, "GET", self.probe, &[], None).await {
+                return node;
+            }
+            if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {
+                node.child = None;
+                panic!(
+                    "{} exited ({status}) before {} answered:\n{}",
+                    self.binary.display(),
+                    self.probe,
+                    node.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not answer {} within {:?}:\n{}",
+                self.binary.display(),
+                self.probe,
+                self.within,
+                node.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl NodeProcess {
     /// Starts `binary serve` with `env` (plus `SWITCHBOARD_LISTEN`) and waits
     /// until `/healthz` answers.
     pub async fn start(binary: &Path, env: &[(&str, String)]) -> NodeProcess {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mut cmd = Command::new(binary);
-        cmd.arg("serve")
-            .env("SWITCHBOARD_LISTEN", addr.to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("node binary starts");
-        let node = NodeProcess {
-            addr,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, _)) = http(addr, "GET", "/healthz", &[], None).await {
-                return node;
-            }
-            assert!(Instant::now() < deadline, "node did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        NodeProcess::launch(binary).envs(env).start().await
+    }
+
+    /// A start with options (clean environment, log file, readiness probe).
+    pub fn launch(binary: impl Into<PathBuf>) -> Launch {
+        Launch {
+            binary: binary.into(),
+            env: Vec::new(),
+            clean_env: false,
+            log_file: false,
+            probe: "/healthz",
+            within: Duration::from_secs(30),
         }
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the process wrote so far, when started with a log file
+    /// (empty otherwise).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|(path, _)| std::fs::read_to_string(path).ok())
+            .unwrap_or_default()
     }
 
     /// Waits up to `within` for the process to exit by itself (after a
@@ -156,7 +273,7 @@ impl NodeProcess {
         }
     }
 
-    /// SIGKILL, no drain.
+    /// SIGKILL: no drain, no cleanup, like a crashed machine.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
