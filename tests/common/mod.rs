@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -272,17 +272,6 @@ pub enum Seen {
     Close(u16),
 }
 
-struct SpawnExecutor;
-impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
-where
-    Fut: std::future::Future + Send + 'static,
-    Fut::Output: Send + 'static,
-{
-    fn execute(&self, fut: Fut) {
-        tokio::task::spawn(fut);
-    }
-}
-
 type Writer = Arc<Mutex<WebSocketWrite<WriteHalf<TokioIo<Upgraded>>>>>;
 
 /// A WebSocket client: a reader task turns frames into [`Seen`] items.
@@ -331,22 +320,7 @@ impl Client {
         opts: ClientOpts,
     ) -> Client {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut req = hyper::Request::builder()
-            .method("GET")
-            .uri(path)
-            .header("host", addr.to_string())
-            .header(hyper::header::UPGRADE, "websocket")
-            .header(hyper::header::CONNECTION, "upgrade")
-            .header(
-                "Sec-WebSocket-Key",
-                fastwebsockets::handshake::generate_key(),
-            )
-            .header("Sec-WebSocket-Version", "13");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Empty::<Bytes>::new()).unwrap();
-        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
+        let ws = switchboard_client::handshake(tcp, addr, path, headers)
             .await
             .expect("websocket handshake");
         let (mut rd, wr) = ws.split(tokio::io::split);
