@@ -3,7 +3,9 @@
 //! and it prints a summary plus one JSON line.
 //!
 //! - `assign`: nearest-driver lookup and full dispatch latency with N drivers
-//!   in the Redis GEO set (dispatcher called in-process, timed around it).
+//!   in the Redis GEO set, over HTTP to one node process (`GET
+//!   /api/drivers/nearby`, `POST /api/orders` with a pickup point), next to
+//!   the `GET /healthz` round trip on the same connection (the HTTP floor).
 //! - `locations`: D driver sockets stream positions to one node process,
 //!   an admin socket watches; ingest rate and staleness at the watcher.
 //! - `expiry`: offers due in the same second across K node processes;
@@ -227,16 +229,10 @@ async fn assign(
     area_km: f64,
     database_url: Option<String>,
 ) -> anyhow::Result<()> {
-    use switchboard::dispatch::index::DriverIndex;
     let redis = RedisServer::start();
     let (db_url, _dir) = database(database_url)?;
-    let mut config = switchboard::Config::defaults();
-    config.listen = "127.0.0.1:0".parse()?;
-    config.redis_url = Some(redis.url());
-    config.database_url = db_url.clone();
-    config.node_id = "loadgen".into();
-    let node = switchboard::Node::start(config).await?;
-    let app = node.app().clone();
+    let nodes = cluster(1, &redis, &db_url, &[]).await?;
+    let node = &nodes[0];
 
     // Drivers straight into Redis, in pipelined batches.
     let client = redis::Client::open(redis.url())?;
@@ -269,9 +265,16 @@ async fn assign(
     }
     let load_secs = t0.elapsed().as_secs_f64();
 
+    // Every request goes over one kept-alive connection, so each sample is
+    // one HTTP round trip; `/healthz` on it, timed in the same loop, is the
+    // floor to subtract from the other two.
+    let admin = mint(SECRET, json!({"sub": 1, "role": "admin"}));
+    let auth = format!("Bearer {admin}");
+    let auth = [("authorization", auth.as_str())];
+    let mut conn = HttpConn::open(node.addr).await?;
+    let mut floor = hist();
     let mut nearest = hist();
     let mut dispatch = hist();
-    let mut offered = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
     for _ in 0..orders {
         if Instant::now() > deadline {
@@ -283,69 +286,76 @@ async fn assign(
             (rng.next_f64() - 0.5) * area_km * 0.8,
         );
         let t = Instant::now();
-        let near = app
-            .drivers
-            .nearest(
-                lat,
-                lon,
-                app.config.dispatch_radius_km,
-                app.config.driver_stale,
-                32,
-            )
-            .await?;
+        let (st, _) = conn.request("GET", "/healthz", &[], None).await?;
+        floor.record(t.elapsed().as_micros().max(1) as u64)?;
+        if st != 200 {
+            bail!("/healthz answered {st}");
+        }
+        // The dispatcher's own limit (32) and radius (the node's default).
+        let path = format!("/api/drivers/nearby?lat={lat}&lon={lon}&limit=32");
+        let t = Instant::now();
+        let (st, body) = conn.request("GET", &path, &auth, None).await?;
         nearest.record(t.elapsed().as_micros().max(1) as u64)?;
-        if near.is_empty() {
+        if st != 200 {
+            bail!("nearby answered {st}: {}", String::from_utf8_lossy(&body));
+        }
+        let near: Value = serde_json::from_slice(&body)?;
+        if near["items"].as_array().is_none_or(Vec::is_empty) {
             continue;
         }
-        let (order, _) = switchboard::store::create_order(
-            &app.db,
-            switchboard::store::NewOrder {
-                order_type: "delivery".into(),
-                user_id: 1,
-                city_id: 1,
-                address_from: String::new(),
-                address_to: String::new(),
-                latitude_from: Some(format!("{lat:.6}")),
-                longitude_from: Some(format!("{lon:.6}")),
-                latitude_to: None,
-                longitude_to: None,
-                total: 100.0,
-                bonuses_used: 0.0,
-                bonuses_earned: 5.0,
-                scheduled_at: None,
-            },
-            false,
-        )
-        .await?;
+        // A pickup point makes the create dispatch before it answers.
+        let order = json!({"order_type": "delivery", "user_id": 1, "city_id": 1, "total": 100,
+                           "latitude_from": lat, "longitude_from": lon});
         let t = Instant::now();
-        let offer = switchboard::dispatch::dispatch(&app, order.id).await?;
+        let (st, body) = conn
+            .request("POST", "/api/orders", &auth, Some(order.to_string()))
+            .await?;
         dispatch.record(t.elapsed().as_micros().max(1) as u64)?;
-        offered += offer.is_some() as usize;
+        if st != 201 {
+            bail!("create answered {st}: {}", String::from_utf8_lossy(&body));
+        }
     }
-    node.stop().await;
+    let (_, metrics) = conn.request("GET", "/metrics", &[], None).await?;
+    let offered = metric_sum(
+        &String::from_utf8_lossy(&metrics),
+        r#"switchboard_offers_total{outcome="made"}"#,
+    ) as usize;
+    drop(nodes);
     let db_kind = if db_url.starts_with("sqlite") {
         "sqlite"
     } else {
         "postgres"
     };
     println!(
-        "assign: {drivers} drivers over {area_km}x{area_km} km (loaded in {load_secs:.2} s), {} orders, {offered} offered, db {db_kind}",
+        "assign: {drivers} drivers over {area_km}x{area_km} km (loaded in {load_secs:.2} s), {} orders, {offered} offered, db {db_kind}, over HTTP to 1 node process",
         dispatch.len()
     );
     println!(
-        "  nearest (GEOSEARCH+filters, 1 Lua round trip): {}",
+        "  HTTP floor (GET /healthz on the same kept-alive connection): {}",
+        pct(&floor)
+    );
+    println!(
+        "  nearest (GET /api/drivers/nearby: GEOSEARCH+filters in 1 Lua round trip, busy-driver DB check): {}",
         pct(&nearest)
     );
     println!(
-        "  full dispatch (nearest + DB checks + offer insert + deadline + publish): {}",
+        "  full dispatch (POST /api/orders: order insert + publish + nearest + DB checks + offer insert + deadline + publish): {}",
         pct(&dispatch)
     );
     println!(
         "{}",
         json!({"scenario": "assign", "drivers": drivers, "orders": dispatch.len(), "offered": offered,
-               "db": db_kind, "nearest": pct(&nearest), "dispatch": pct(&dispatch)})
+               "db": db_kind, "http_floor": pct(&floor), "nearest": pct(&nearest), "dispatch": pct(&dispatch)})
     );
     Ok(())
+}
+
+/// The sum of the samples of `series` (`name{labels}`, exactly) in a
+/// Prometheus text exposition.
+fn metric_sum(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// Starts K node processes sharing one Redis and one database.
@@ -716,6 +726,34 @@ impl HttpConn {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
         Ok(HttpConn { sender, addr })
+    }
+
+    /// Any request; the status and body.
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> anyhow::Result<(u16, bytes::Bytes)> {
+        if self.sender.ready().await.is_err() {
+            *self = HttpConn::open(self.addr).await?;
+        }
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or_default(),
+        )))?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        use http_body_util::BodyExt;
+        Ok((status, resp.into_body().collect().await?.to_bytes()))
     }
 
     async fn post(&mut self, path: &str, key: &str, body: String) -> anyhow::Result<u16> {
