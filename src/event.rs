@@ -98,6 +98,16 @@ pub fn valid_point(latitude: f64, longitude: f64) -> bool {
     (-85.05..=85.05).contains(&latitude) && (-180.0..=180.0).contains(&longitude)
 }
 
+/// Great-circle distance in km (the same formula Redis GEO uses).
+pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    const R: f64 = 6372.797560856;
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dp = p2 - p1;
+    let dl = (lon2 - lon1).to_radians();
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    2.0 * R * a.sqrt().asin()
+}
+
 /// A driver's reported position, validated once wherever it arrives (socket,
 /// HTTP): coordinates in range, heading and speed finite.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -182,6 +182,11 @@ impl Node {
         self.app.ctx.broker.publish(Arc::new(event)).await
     }
 
+    /// What `/metrics` serves (Prometheus text).
+    pub fn render_metrics(&self) -> String {
+        self.app.metrics.render()
+    }
+
     /// Whether `/readyz` answers 200.
     pub fn is_ready(&self) -> bool {
         self.app.is_ready()

@@ -219,7 +219,7 @@ impl RedisSetup {
     /// A RedisBroker as a node builds it, under its own key prefix.
     fn broker(&self, prefix: &str, sink: Arc<dyn Sink>) -> RedisBroker {
         let client = redis::Client::open(self.url.as_str()).unwrap();
-        let pool = switchboard::store::redis_pool(&self.url).unwrap();
+        let pool = switchboard::redis_pool(&self.url).unwrap();
         RedisBroker::start(client, pool, prefix, sink, self.stop.clone())
     }
 }

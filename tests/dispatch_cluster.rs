@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use sea_orm::EntityTrait;
 use serde_json::{Value, json};
 use support::*;
-use switchboard::dispatch::index::haversine_km;
+use switchboard::event::haversine_km;
 
 const DRIVERS: usize = 200;
 
@@ -204,7 +204,7 @@ struct Claimed {
 /// order to driver NEAR (FAR is the next nearest), waits until its clock has
 /// claimed the deadline, and SIGKILLs it there.
 async fn claim_and_die(db: &TestDb, redis: &RedisServer) -> Claimed {
-    let mut doomed = ServerProcess::start(
+    let mut doomed = start_server(
         db,
         redis,
         "doomed",

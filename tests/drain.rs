@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-use switchboard::testkit::NodeProcess;
+use switchboard_testkit::NodeProcess;
 
 const GRACE_SECS: u64 = 10;
 const DRAIN_DELAY_SECS: f64 = 1.0;
@@ -182,7 +182,7 @@ async fn publish_loop(a: SocketAddr, b: SocketAddr, rooms: Vec<String>, shared: 
         let seq = shared.next_seq.fetch_add(1, Ordering::SeqCst);
         let (addr, name) = if via_a { (a, 'a') } else { (b, 'b') };
         let body = json!({"rooms": rooms, "type": "tick", "data": {"seq": seq}}).to_string();
-        let r = switchboard::testkit::http(
+        let r = switchboard_testkit::http(
             addr,
             "POST",
             "/api/publish",

@@ -553,9 +553,8 @@ async fn a_node_under_traffic_exports_every_metric_with_bounded_labels() {
     let mut conn = HttpConn::open(addr).await;
     let mut sent = 0;
     while !node
-        .app()
-        .metrics
-        .render()
+        .node()
+        .render_metrics()
         .contains("switchboard_slow_consumers_total")
     {
         assert!(sent < 5000, "the parked socket was never dropped");

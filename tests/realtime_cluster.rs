@@ -329,9 +329,9 @@ async fn drain_closes_sockets_1012_after_flushing_and_leaves_other_nodes_alone()
             data: json!({}),
         },
     );
-    nodes[0].app().hub.deliver("admin-orders", &last);
+    nodes[0].node().deliver_local("admin-orders", &last);
     nodes[0].node.as_ref().unwrap().shutdown();
-    assert!(!nodes[0].app().is_ready(), "a draining node is not ready");
+    assert!(!nodes[0].node().is_ready(), "a draining node is not ready");
     assert_ne!(
         readyz_status(nodes[0].addr).await,
         Some(200),

@@ -367,7 +367,7 @@ async fn check_socket(file: &str) {
                 let mut e = event.clone();
                 e.rooms = vec![r.clone()];
                 e.at_us = switchboard::event::now_us();
-                node.app().publish(e).await.expect("publish");
+                node.node().publish(e).await.expect("publish");
             }
             Input::Publish { body, .. } => {
                 let (s, b) = publish_body(node.addr, body.clone()).await;
@@ -792,11 +792,7 @@ async fn a_reader_that_falls_behind_gets_its_backlog_in_order() {
         assert_eq!(v["data"]["seq"], i, "lost or reordered");
         assert_eq!(v["data"]["pad"].as_str().map(str::len), Some(40_000));
     }
-    assert_eq!(
-        node.app().hub.socket_count(),
-        1,
-        "closed as a slow consumer"
-    );
+    assert_eq!(node.node().socket_count(), 1, "closed as a slow consumer");
 }
 
 #[tokio::test]
@@ -809,7 +805,7 @@ async fn a_slow_consumer_is_dropped_while_a_fast_one_gets_everything() {
     // Never reads after its `connected` message.
     let mut slow = Client::connect_parked(node.addr, &format!("/?token={}", admin()), 1).await;
     let mut fast = connect_ready(node.addr, "/", &admin()).await;
-    assert_eq!(node.app().hub.socket_count(), 2);
+    assert_eq!(node.node().socket_count(), 2);
 
     let pad = "p".repeat(4096);
     let mut http = HttpConn::open(node.addr).await;
@@ -817,7 +813,7 @@ async fn a_slow_consumer_is_dropped_while_a_fast_one_gets_everything() {
     let mut received = 0u64;
     // At least 2000 publishes of ~4 KiB; more if the kernel buffers of the
     // slow socket have not filled yet (they are sized by the kernel).
-    while sent < 2000 || (node.app().hub.socket_count() > 1 && sent < 20_000) {
+    while sent < 2000 || (node.node().socket_count() > 1 && sent < 20_000) {
         let (s, b) = http
             .publish_body(
                 json!({"room": "admin-orders", "type": "tick", "data": {"seq": sent, "pad": pad}}),
@@ -846,7 +842,7 @@ async fn a_slow_consumer_is_dropped_while_a_fast_one_gets_everything() {
     // The slow socket is gone on the server, counted in the metric, and its
     // TCP connection ends once the client reads what was buffered.
     let deadline = std::time::Instant::now() + WAIT;
-    while node.app().hub.socket_count() != 1 {
+    while node.node().socket_count() != 1 {
         assert!(
             std::time::Instant::now() < deadline,
             "slow socket not closed"
@@ -905,5 +901,5 @@ async fn server_keepalive_closes_silent_sockets_4000_and_keeps_ponging_ones() {
         c.send_json(json!({"type": "ping"})).await;
         assert_eq!(c.recv().await, json!({"type": "pong"}), "{path}");
     }
-    assert_eq!(node.app().hub.socket_count(), 3);
+    assert_eq!(node.node().socket_count(), 3);
 }

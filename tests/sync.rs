@@ -339,8 +339,8 @@ async fn node_killed_mid_delivery(db: TestDb) {
         ("SYNC_TIMEOUT_MS", "1000".to_string()),
         ("SYNC_BACKOFF_MS", "50".to_string()),
     ];
-    let mut doomed = switchboard::testkit::NodeProcess::start(&bin, &env).await;
-    let (s, b) = switchboard::testkit::http(
+    let mut doomed = switchboard_testkit::NodeProcess::start(&bin, &env).await;
+    let (s, b) = switchboard_testkit::http(
         doomed.addr,
         "POST",
         "/api/orders",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -33,7 +33,7 @@ pub fn init_tracing() {
 
 // Not every test binary uses both.
 #[allow(unused_imports)]
-pub use switchboard::testkit::{RedisServer, free_port};
+pub use switchboard_testkit::{RedisServer, free_port};
 
 /// A database shared by the nodes of one test cluster: a SQLite file in a
 /// temp dir, or a fresh PostgreSQL database (dropped on drop).
@@ -163,8 +163,8 @@ impl TestNode {
         }
     }
 
-    pub fn app(&self) -> &Arc<switchboard::node::App> {
-        self.node.as_ref().unwrap().app()
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().unwrap()
     }
 
     pub async fn stop(&mut self) {
@@ -260,7 +260,7 @@ pub async fn http_raw(
     headers: &[(&str, &str)],
     body: Option<String>,
 ) -> (u16, Bytes) {
-    switchboard::testkit::http(addr, method, path, headers, body)
+    switchboard_testkit::http(addr, method, path, headers, body)
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
@@ -270,17 +270,6 @@ pub async fn http_raw(
 pub enum Seen {
     Json(Value),
     Close(u16),
-}
-
-struct SpawnExecutor;
-impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
-where
-    Fut: std::future::Future + Send + 'static,
-    Fut::Output: Send + 'static,
-{
-    fn execute(&self, fut: Fut) {
-        tokio::task::spawn(fut);
-    }
 }
 
 type Writer = Arc<Mutex<WebSocketWrite<WriteHalf<TokioIo<Upgraded>>>>>;
@@ -331,22 +320,7 @@ impl Client {
         opts: ClientOpts,
     ) -> Client {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut req = hyper::Request::builder()
-            .method("GET")
-            .uri(path)
-            .header("host", addr.to_string())
-            .header(hyper::header::UPGRADE, "websocket")
-            .header(hyper::header::CONNECTION, "upgrade")
-            .header(
-                "Sec-WebSocket-Key",
-                fastwebsockets::handshake::generate_key(),
-            )
-            .header("Sec-WebSocket-Version", "13");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Empty::<Bytes>::new()).unwrap();
-        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
+        let ws = switchboard_client::handshake(tcp, addr, path, headers)
             .await
             .expect("websocket handshake");
         let (mut rd, wr) = ws.split(tokio::io::split);

@@ -6,12 +6,11 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use serde_json::{Value, json};
+use switchboard_testkit::NodeProcess;
 
 use crate::common::{Client, RedisServer, SECRET, Seen, TestDb, WAIT, http, http_raw};
 
@@ -214,84 +213,27 @@ where
 
 // ---------------------------------------------------------------- subprocess
 
-/// The real `switchboard serve` binary, SIGKILLed on drop.
-pub struct ServerProcess {
-    pub addr: SocketAddr,
-    child: Option<Child>,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ServerProcess {
-    /// Starts `switchboard serve` with a clean environment plus `env`, on a
-    /// free port, and waits for `/readyz`.
-    pub async fn start(
-        db: &TestDb,
-        redis: &RedisServer,
-        node_id: &str,
-        env: &[(&str, &str)],
-    ) -> ServerProcess {
-        let port = crate::common::free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("switchboard.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        cmd.arg("serve")
-            .env_clear()
-            .env("SWITCHBOARD_LISTEN", addr.to_string())
-            .env("REDIS_URL", redis.url())
-            .env("DATABASE_URL", &db.url)
-            .env("JWT_SECRET", SECRET)
-            .env("API_KEYS", crate::common::API_KEY)
-            .env("NODE_ID", node_id)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
-            ));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn switchboard");
-        let mut p = ServerProcess {
-            addr,
-            child: Some(child),
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if crate::common::readyz_status(addr).await == Some(200) {
-                return p;
-            }
-            if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
-                panic!("switchboard exited ({status}):\n{}", p.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "switchboard never became ready:\n{}",
-                p.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL: no drain, no cleanup, like a crashed machine.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The real `switchboard serve` binary with a clean environment, the tests'
+/// settings and `env`, its output in a log file ([`NodeProcess::log_text`]),
+/// ready on `/readyz`; SIGKILLed on drop.
+pub async fn start_server(
+    db: &TestDb,
+    redis: &RedisServer,
+    node_id: &str,
+    env: &[(&str, &str)],
+) -> NodeProcess {
+    NodeProcess::launch(env!("CARGO_BIN_EXE_switchboard"))
+        .clean_env()
+        .log_file()
+        .wait_ready()
+        .within(WAIT)
+        .env("REDIS_URL", redis.url())
+        .env("DATABASE_URL", &db.url)
+        .env("JWT_SECRET", SECRET)
+        .env("API_KEYS", crate::common::API_KEY)
+        .env("NODE_ID", node_id)
+        .env("RUST_LOG", "info")
+        .envs(env)
+        .start()
+        .await
 }

@@ -16,11 +16,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketWrite};
 use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::WriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,39 @@ where
     fn execute(&self, fut: Fut) {
         tokio::spawn(fut);
     }
+}
+
+/// An upgraded connection, as [`handshake`] returns it.
+pub type WebSocketStream = WebSocket<TokioIo<Upgraded>>;
+
+/// The WebSocket upgrade of `path` (with its query, e.g. `/ws?token=…`) on
+/// `tcp`, connected to `addr` (the `Host`), with extra request `headers`. The socket keeps
+/// fastwebsockets' defaults (auto pong and close); [`Socket::connect`] turns
+/// them off and reads it from a task, and a caller that needs raw frames
+/// (the integration tests' client) can do its own reading.
+pub async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<WebSocketStream, ClientError> {
+    let mut req = hyper::Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", addr.to_string())
+        .header(hyper::header::UPGRADE, "websocket")
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
+    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await?;
+    Ok(ws)
 }
 
 type Writer = Arc<Mutex<WebSocketWrite<WriteHalf<TokioIo<Upgraded>>>>>;
@@ -90,19 +124,7 @@ impl Socket {
             }
         };
         tcp.set_nodelay(true)?;
-        let req = hyper::Request::builder()
-            .method("GET")
-            .uri(path)
-            .header("host", addr.to_string())
-            .header(hyper::header::UPGRADE, "websocket")
-            .header(hyper::header::CONNECTION, "upgrade")
-            .header(
-                "Sec-WebSocket-Key",
-                fastwebsockets::handshake::generate_key(),
-            )
-            .header("Sec-WebSocket-Version", "13")
-            .body(Empty::<Bytes>::new())?;
-        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await?;
+        let ws = handshake(tcp, addr, path, &[]).await?;
         let (mut rd, wr) = ws.split(tokio::io::split);
         rd.set_auto_pong(false);
         rd.set_auto_close(false);

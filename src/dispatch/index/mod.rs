@@ -17,6 +17,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
+pub use crate::event::haversine_km;
 use crate::redis_conn::RedisError;
 pub use memory::MemoryIndex;
 pub use redis::RedisIndex;
@@ -64,16 +65,6 @@ pub trait DriverIndex: Send + Sync + 'static {
         &self,
         driver_id: i64,
     ) -> impl Future<Output = Result<Option<(f64, f64)>, IndexError>> + Send;
-}
-
-/// Great-circle distance in km (the same formula Redis GEO uses).
-pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    const R: f64 = 6372.797560856;
-    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
-    let dp = p2 - p1;
-    let dl = (lon2 - lon1).to_radians();
-    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    2.0 * R * a.sqrt().asin()
 }
 
 /// The index a node runs with, chosen by `REDIS_URL`.
@@ -145,7 +136,10 @@ mod contract {
         let n = i.nearest(41.309, 69.24, 10.0, fresh, 10).await.unwrap();
         assert_eq!(ids(&n), vec![2, 1], "nearest first");
         assert!((n[0].distance_km - 0.111).abs() < 0.01, "{n:?}");
-        assert_eq!(ids(&i.nearest(41.309, 69.24, 10.0, fresh, 1).await.unwrap()), vec![2]);
+        assert_eq!(
+            ids(&i.nearest(41.309, 69.24, 10.0, fresh, 1).await.unwrap()),
+            vec![2]
+        );
         // A driver unknown to the index that says "unavailable" stays out
         // once it reports a position.
         i.set_available(4, false).await.unwrap();

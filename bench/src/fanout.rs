@@ -1,0 +1,258 @@
+//! `fanout`: S subscribers over N nodes (via Redis), publishers at rate R
+//! through `POST /api/publish`; deliveries/s, loss, duplicates, latency,
+//! server CPU per delivery and peak RSS, and the loadgen's own CPU cost.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use switchboard_client::{Incoming, Socket};
+use switchboard_testkit::{NodeProcess, RedisServer, mint};
+
+use crate::shared::{
+    API_KEY, HttpConn, SECRET, cluster_of, cpu_seconds, database, hist, node_binary, pct, rss_kib,
+    self_cpu,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Publishes per second (deliveries/s = rate × subscribers).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Bytes of filler in each payload.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Endpoint the subscribers use: /ws (events), / (rooms), driver.
+    #[arg(long, default_value = "/ws")]
+    path: String,
+    /// Publisher tasks, each with its own connection to every node and
+    /// one request in flight; together they keep to `rate`.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
+    #[arg(long)]
+    server: Option<PathBuf>,
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let redis = RedisServer::start();
+    let (db_url, _dir) = database(a.database_url)?;
+    let bin = match a.server {
+        Some(p) => p,
+        None => node_binary()?,
+    };
+    let nodes = cluster_of(
+        &bin,
+        a.nodes,
+        &redis,
+        &db_url,
+        &[("SEND_QUEUE_LEN", "4096".into())],
+    )
+    .await?;
+    let admin = mint(SECRET, json!({"sub": 1, "role": "admin"}));
+    let driver = mint(SECRET, json!({"sub": 7, "role": "driver", "city_id": 1}));
+    // Drivers listen on driver-7; everyone else on admin-orders.
+    let (room, token) = if a.path.starts_with("/ws/driver") {
+        ("driver-7", driver)
+    } else {
+        ("admin-orders", admin)
+    };
+    let mut subs = Vec::new();
+    for i in 0..a.subscribers {
+        let n = &nodes[i % nodes.len()];
+        let sep = if a.path.contains('?') { '&' } else { '?' };
+        let mut s =
+            Socket::connect(n.addr, &format!("{}{sep}token={token}", a.path), None, 4096).await?;
+        // Connect messages (1, or 2 on the driver endpoint).
+        let _ = s.recv().await;
+        if a.path.starts_with("/ws/driver") {
+            let _ = s.recv().await;
+        }
+        subs.push(s);
+    }
+    // Fired 5 s after the last publish was answered (however late the
+    // publisher ran): what has not arrived by then is lost.
+    let done = tokio_util::sync::CancellationToken::new();
+    let total_publishes = (a.rate * a.secs).round() as u64;
+    // Subscribers: parse only `"s":` (sequence) and `"t":` (send time, µs).
+    let mut tasks = Vec::new();
+    for mut s in subs {
+        // One stop signal for the whole run (a timeout per message would
+        // cost a timer insertion per message).
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            let mut seen = vec![false; total_publishes as usize + 1];
+            let (mut got, mut dups) = (0u64, 0u64);
+            let mut closed = None;
+            loop {
+                let b = tokio::select! {
+                    biased;
+                    m = s.recv() => match m {
+                        Some(Incoming::Text(b)) => b,
+                        Some(Incoming::Close(code)) => {
+                            closed = Some(code);
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = done.cancelled() => break,
+                };
+                let (Some(seq), Some(t)) = (int_field(&b, b"\"s\":"), int_field(&b, b"\"t\":"))
+                else {
+                    continue;
+                };
+                let now = chrono::Utc::now().timestamp_micros() as u64;
+                let _ = h.record(now.saturating_sub(t).max(1));
+                match seen.get_mut(seq as usize) {
+                    Some(x) if *x => dups += 1,
+                    Some(x) => {
+                        *x = true;
+                        got += 1;
+                    }
+                    None => {}
+                }
+            }
+            (h, got, dups, seen, closed)
+        }));
+    }
+    let pids: Vec<u32> = nodes.iter().filter_map(NodeProcess::pid).collect();
+    let cpu0: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .collect();
+    let my0 = self_cpu();
+    // Publishers: paced (publish `seq` is due at (seq-1)/rate), each with
+    // one kept-alive connection per node, round-robin over the nodes;
+    // publisher j sends the publishes with seq ≡ j (mod publishers).
+    let started = Instant::now();
+    let publishers = a.publishers.max(1) as u64;
+    let mut pubs = Vec::new();
+    for j in 0..publishers {
+        let mut conns = Vec::new();
+        for n in &nodes {
+            conns.push(HttpConn::open(n.addr).await?);
+        }
+        let filler = "x".repeat(a.payload);
+        let room = room.to_string();
+        let rate = a.rate;
+        pubs.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut refused = 0u64;
+            for seq in (1 + j..=total_publishes).step_by(publishers as usize) {
+                let due = started + Duration::from_secs_f64((seq - 1) as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let t = chrono::Utc::now().timestamp_micros();
+                let body = format!(
+                    r#"{{"room":"{room}","type":"bench","data":{{"s":{seq},"t":{t},"p":"{filler}"}}}}"#
+                );
+                let n = conns.len();
+                let c = &mut conns[(seq / publishers) as usize % n];
+                match c.post("/api/publish", API_KEY, body).await {
+                    Ok(204) => accepted.push(seq),
+                    other => {
+                        if refused < 3 {
+                            eprintln!("publish {seq} not accepted: {other:?}");
+                        }
+                        refused += 1;
+                    }
+                }
+            }
+            (accepted, refused)
+        }));
+    }
+    let mut accepted = vec![false; total_publishes as usize + 1];
+    let mut refused = 0u64;
+    for p in pubs {
+        let (acc, r) = p.await?;
+        for seq in acc {
+            accepted[seq as usize] = true;
+        }
+        refused += r;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    done.cancel();
+    let mut lat = hist();
+    let (mut got, mut dups, mut lost) = (0u64, 0u64, 0u64);
+    // Sockets the server closed during the run, by close code (4008: the
+    // loadgen read too slowly and was dropped as a slow consumer).
+    let mut closes: std::collections::BTreeMap<u16, u64> = Default::default();
+    for t in tasks {
+        let (h, g, d, seen, closed) = t.await?;
+        if let Some(code) = closed {
+            *closes.entry(code).or_default() += 1;
+        }
+        lat.add(&h)?;
+        got += g;
+        dups += d;
+        lost += accepted
+            .iter()
+            .zip(&seen)
+            .filter(|(acc, s)| **acc && !**s)
+            .count() as u64;
+    }
+    let my_cpu = self_cpu() - my0;
+    let node_cpu: f64 = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c)| cpu_seconds(*p).unwrap_or(*c) - c)
+        .sum();
+    let peak_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).0).collect();
+    let expected = accepted.iter().filter(|x| **x).count() as u64 * a.subscribers as u64;
+    let per_s = got as f64 / publish_secs;
+    let server_us = node_cpu * 1e6 / got.max(1) as f64;
+    let loadgen_us = my_cpu * 1e6 / got.max(1) as f64;
+    println!(
+        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s by {} publisher(s) for {:.1} s, payload {} B, server {}",
+        a.subscribers,
+        a.nodes,
+        a.path,
+        total_publishes,
+        a.rate,
+        publishers,
+        publish_secs,
+        a.payload,
+        bin.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+    );
+    println!(
+        "  deliveries {got}/{expected} ({per_s:.0}/s), lost {lost}, duplicates {dups}, publishes refused {refused}, sockets closed by the server {closes:?}"
+    );
+    println!("  latency publish→socket: {}", pct(&lat));
+    println!(
+        "  server CPU {node_cpu:.2} s = {server_us:.2} µs/delivery; peak RSS per node {peak_rss:?} KiB; loadgen CPU {loadgen_us:.2} µs/delivery"
+    );
+    println!(
+        "{}",
+        json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
+               "subscribers": a.subscribers, "publishers": publishers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
+               "deliveries": got, "expected": expected, "per_s": per_s, "lost": lost, "duplicates": dups,
+               "refused": refused, "closed_by_server": closes, "latency": pct(&lat), "server_cpu_s": node_cpu,
+               "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us})
+    );
+    Ok(())
+}
+
+/// The integer after `"key":` in a JSON frame, without parsing the JSON.
+fn int_field(b: &[u8], key: &[u8]) -> Option<u64> {
+    let i = b.windows(key.len()).position(|w| w == key)? + key.len();
+    let mut n = 0u64;
+    let mut any = false;
+    for &c in &b[i..] {
+        if c.is_ascii_digit() {
+            n = n * 10 + (c - b'0') as u64;
+            any = true;
+        } else {
+            break;
+        }
+    }
+    any.then_some(n)
+}
