@@ -4,14 +4,12 @@
 //! staleness. SQLite and PostgreSQL.
 
 mod common;
-mod support;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use support::*;
 
 const QUIET: Duration = Duration::from_millis(300);
 
