@@ -3,7 +3,6 @@
 //! change exactly once. Two nodes, one Redis, SQLite and PostgreSQL.
 
 mod common;
-mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,7 +10,6 @@ use std::time::Duration;
 use common::*;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use support::*;
 
 const USER: i64 = 77;
 /// 1000 at BONUS_RATE 0.05.

@@ -2,13 +2,11 @@
 //! sockets, on SQLite and PostgreSQL.
 
 mod common;
-mod support;
 
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use support::{PICKUP, call, create_order, locate};
 
 async fn two_node_flow(db: TestDb) {
     let redis = RedisServer::start();

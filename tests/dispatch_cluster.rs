@@ -3,7 +3,6 @@
 //! sockets, the real binary for the node that dies; SQLite and PostgreSQL.
 
 mod common;
-mod support;
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,6 @@ use common::*;
 use futures_util::future::join_all;
 use sea_orm::EntityTrait;
 use serde_json::{Value, json};
-use support::*;
 use switchboard::event::haversine_km;
 
 const DRIVERS: usize = 200;

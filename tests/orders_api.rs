@@ -1,17 +1,16 @@
 //! The orders API and the driver's position, through a real node and real
 //! sockets: who sees which order (HTTP and events), the lifecycle and input
 //! validation, paging, deletion, and driver locations, availability and
-//! staleness. SQLite and PostgreSQL.
+//! staleness. Each case starts what it needs; every case runs on SQLite and
+//! PostgreSQL.
 
 mod common;
-mod support;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use support::*;
 
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -58,20 +57,16 @@ fn ids_of_type(msgs: &[Value], ty: &str, body: &str) -> Vec<i64> {
 
 // ------------------------------------------------------------ role scoping
 
-async fn role_scoping(db: TestDb) {
-    let n = TestNode::start(embedded(&db)).await;
-    let a = n.addr;
-    let (m1, m2) = (manager(21, &[1]), manager(22, &[2]));
-    let td = driver(31, 1);
-    let mut admin_ws = connect_ready(a, "/ws", &admin()).await;
-    let mut m1_rooms = connect_ready(a, "/", &m1).await;
-    let mut m1_events = connect_ready(a, "/ws", &m1).await;
-    let mut m2_events = connect_ready(a, "/ws", &m2).await;
-    let mut u11 = connect_ready(a, "/", &user(11)).await;
-    let mut u12 = connect_ready(a, "/", &user(12)).await;
-    let mut u12_events = connect_ready(a, "/ws", &user(12)).await;
-    let mut d31 = connect_ready(a, "/ws/driver/orders/", &td).await;
-    locate(a, &td, PICKUP.0 + 0.003, PICKUP.1).await;
+/// The tokens of the role-scoping cases: managers 21 (city 1) and 22
+/// (city 2), driver 31 (city 1).
+fn scoping_tokens() -> (String, String, String) {
+    (manager(21, &[1]), manager(22, &[2]), driver(31, 1))
+}
+
+/// The orders of the role-scoping cases, after driver `td` (31) reported a
+/// position next to the pickup point.
+async fn scoping_orders(a: std::net::SocketAddr, td: &str) -> (i64, i64, i64) {
+    locate(a, td, PICKUP.0 + 0.003, PICKUP.1).await;
 
     // o1: user 11, city 1; o2: user 12, city 2; o3: user 11, city 1, with a
     // pickup point next to driver 31 (who gets the offer).
@@ -85,6 +80,22 @@ async fn role_scoping(db: TestDb) {
         )
         .await,
     );
+    (o1, o2, o3)
+}
+
+async fn order_events_reach_only_scoped_sockets(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
+    let (m1, m2, td) = scoping_tokens();
+    let mut admin_ws = connect_ready(a, "/ws", &admin()).await;
+    let mut m1_rooms = connect_ready(a, "/", &m1).await;
+    let mut m1_events = connect_ready(a, "/ws", &m1).await;
+    let mut m2_events = connect_ready(a, "/ws", &m2).await;
+    let mut u11 = connect_ready(a, "/", &user(11)).await;
+    let mut u12 = connect_ready(a, "/", &user(12)).await;
+    let mut u12_events = connect_ready(a, "/ws", &user(12)).await;
+    let mut d31 = connect_ready(a, "/ws/driver/orders/", &td).await;
+    let (o1, o2, o3) = scoping_orders(a, &td).await;
     // Admins see everything (and, being last, mark that the rest is sent).
     let mut seen_admin = Vec::new();
     for _ in 0..3 {
@@ -153,6 +164,18 @@ async fn role_scoping(db: TestDb) {
     m1_events.silent_for(QUIET).await;
     m1_rooms.silent_for(Duration::from_millis(50)).await;
     u11.silent_for(Duration::from_millis(50)).await;
+}
+
+db_variants!(
+    order_events_reach_only_scoped_sockets,
+    crate::order_events_reach_only_scoped_sockets
+);
+
+async fn http_reads_are_scoped(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
+    let (m1, m2, td) = scoping_tokens();
+    let (o1, o2, o3) = scoping_orders(a, &td).await;
 
     // HTTP reads: managers their cities, users their own orders, drivers
     // what was offered to them; anything else is a 404.
@@ -210,6 +233,15 @@ async fn role_scoping(db: TestDb) {
     assert_eq!(s, 200, "{b}");
     let (s, b) = read(td.clone(), format!("/api/orders/{o3}")).await;
     assert_eq!((s, b["driver_id"].clone()), (200, json!(31)));
+}
+
+db_variants!(http_reads_are_scoped, crate::http_reads_are_scoped);
+
+async fn who_may_create_change_and_delete(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
+    let (m1, _, td) = scoping_tokens();
+    let (o1, o2, _) = scoping_orders(a, &td).await;
 
     // Who may do what.
     let body = json!({"city_id": 1, "total": 5});
@@ -266,6 +298,30 @@ async fn role_scoping(db: TestDb) {
     }
     let (s, b) = call(a, "DELETE", &format!("/api/orders/{o1}"), &admin(), None).await;
     assert_eq!((s, b), (204, Value::Null));
+}
+
+db_variants!(
+    who_may_create_change_and_delete,
+    crate::who_may_create_change_and_delete
+);
+
+async fn bad_tokens_get_401_and_wrong_roles_403(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
+    let (m1, _, td) = scoping_tokens();
+    let (_, o2, _) = scoping_orders(a, &td).await;
+    // The city-2 order is confirmed; nothing below may change that.
+    let (s, b) = call(
+        a,
+        "PATCH",
+        &format!("/api/orders/{o2}"),
+        &admin(),
+        Some(json!({"status": "confirmed"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let read =
+        |token: String, path: String| async move { call(a, "GET", &path, &token, None).await };
 
     // No token, a broken one, a forged one, an expired one: 401.
     let forged = jsonwebtoken::encode(
@@ -320,7 +376,10 @@ async fn role_scoping(db: TestDb) {
     assert_eq!(b["status"], "confirmed");
 }
 
-db_variants!(role_scoping_over_http_and_sockets, crate::role_scoping);
+db_variants!(
+    bad_tokens_get_401_and_wrong_roles_403,
+    crate::bad_tokens_get_401_and_wrong_roles_403
+);
 
 // ------------------------------------------------ lifecycle and validation
 
@@ -335,7 +394,7 @@ async fn patch_status(a: std::net::SocketAddr, id: i64, status: &str) -> (u16, V
     .await
 }
 
-async fn lifecycle_and_validation(db: TestDb) {
+async fn status_moves_forward_only(db: TestDb) {
     let n = TestNode::start(embedded(&db)).await;
     let a = n.addr;
 
@@ -383,6 +442,13 @@ async fn lifecycle_and_validation(db: TestDb) {
         let (s, b) = patch_status(a, c, to).await;
         assert_eq!(s, want, "→ {to}: {b}");
     }
+}
+
+db_variants!(status_moves_forward_only, crate::status_moves_forward_only);
+
+async fn malformed_patches_are_400_and_change_nothing(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
 
     // Malformed PATCH bodies: 400, and nothing changes.
     let p = id_of(&create_order(a, &admin(), json!({"city_id": 1, "user_id": 41})).await);
@@ -414,6 +480,16 @@ async fn lifecycle_and_validation(db: TestDb) {
         (b["status"].clone(), b["version"].clone()),
         (json!("pending"), json!(2))
     );
+}
+
+db_variants!(
+    malformed_patches_are_400_and_change_nothing,
+    crate::malformed_patches_are_400_and_change_nothing
+);
+
+async fn create_validation(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
 
     // Create validation.
     let u = user(42);
@@ -499,6 +575,13 @@ async fn lifecycle_and_validation(db: TestDb) {
             json!("pending")
         )
     );
+}
+
+db_variants!(create_validation, crate::create_validation);
+
+async fn paging_returns_each_order_once(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
 
     // Paging: 7 orders of one user, 3 at a time, each exactly once.
     let u43 = user(43);
@@ -545,6 +628,16 @@ async fn lifecycle_and_validation(db: TestDb) {
         let (s, b) = call(a, "GET", &format!("/api/orders?{q}"), &u43, None).await;
         assert_eq!(error_code(s, &b, 400), "bad_request", "{q}");
     }
+}
+
+db_variants!(
+    paging_returns_each_order_once,
+    crate::paging_returns_each_order_once
+);
+
+async fn delete_and_cancel_tell_the_offered_driver(db: TestDb) {
+    let n = TestNode::start(embedded(&db)).await;
+    let a = n.addr;
 
     // Delete: 204; ORDER_DELETED to admins and the creator; the driver
     // holding the offer is told "Order cancelled"; then it is gone.
@@ -617,8 +710,8 @@ async fn lifecycle_and_validation(db: TestDb) {
 }
 
 db_variants!(
-    lifecycle_validation_paging_delete,
-    crate::lifecycle_and_validation
+    delete_and_cancel_tell_the_offered_driver,
+    crate::delete_and_cancel_tell_the_offered_driver
 );
 
 // ------------------------------------------------------- driver positions
@@ -785,14 +878,16 @@ async fn driver_positions(db: &TestDb, redis: Option<&RedisServer>, base: i64) {
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["offer"]["driver_id"], id);
     assert_eq!(d.recv_type("new_order").await["order"]["id"], order);
-    drop(nodes);
+}
 
+async fn driver_staleness(db: &TestDb, redis: Option<&RedisServer>, base: i64) {
+    let conn = db_conn(db).await;
     // Stale: a driver not heard from for `driver_stale` is neither listed
     // nor offered orders; its next report brings it back.
     let stale = Duration::from_millis(1500);
     let nodes = location_nodes(db, redis, stale).await;
     let (a, b) = (nodes[0].addr, nodes[nodes.len() - 1].addr);
-    let spot = (PICKUP.0 + 2.0, PICKUP.1); // away from the first driver
+    let spot = (PICKUP.0 + 2.0, PICKUP.1); // away from PICKUP
     let ts = driver(base + 4, 1);
     let mut s_ws = connect_ready(a, "/ws/driver/orders/", &ts).await;
     locate(a, &ts, spot.0 + 0.005, spot.1).await;
@@ -836,13 +931,24 @@ async fn driver_positions(db: &TestDb, redis: Option<&RedisServer>, base: i64) {
     assert_eq!(s_ws.recv_type("new_order").await["order"]["id"], order);
 }
 
-async fn driver_positions_both_modes(db: TestDb) {
+async fn driver_location_and_availability(db: TestDb) {
     let redis = RedisServer::start();
     driver_positions(&db, Some(&redis), 600).await;
     driver_positions(&db, None, 650).await;
 }
 
 db_variants!(
-    driver_location_availability_staleness,
-    crate::driver_positions_both_modes
+    driver_location_and_availability,
+    crate::driver_location_and_availability
+);
+
+async fn stale_drivers_are_not_listed_or_offered(db: TestDb) {
+    let redis = RedisServer::start();
+    driver_staleness(&db, Some(&redis), 600).await;
+    driver_staleness(&db, None, 650).await;
+}
+
+db_variants!(
+    stale_drivers_are_not_listed_or_offered,
+    crate::stale_drivers_are_not_listed_or_offered
 );
