@@ -46,14 +46,26 @@ pub struct Event {
     /// end-to-end latency metric is measured from here.
     pub at_us: i64,
     pub kind: EventKind,
+    /// Volatile events skip room history (SPEC §10): driver positions, and
+    /// `/api/publish` with `"volatile": true`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub volatile: bool,
+    /// A key that makes the event enter a room's history once, however often
+    /// it is published (the event outbox retries with the same key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl Event {
+    /// An event produced now; volatile when its kind always is
+    /// (`DriverLocation`).
     pub fn new(rooms: Vec<String>, kind: EventKind) -> Event {
         Event {
             rooms,
             at_us: now_us(),
+            volatile: matches!(kind, EventKind::DriverLocation { .. }),
             kind,
+            id: None,
         }
     }
 
