@@ -88,9 +88,26 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe();
+            zero_series();
             handle
         })
         .clone()
+}
+
+/// Series that exist from the first scrape with value 0, so a dashboard or
+/// an alert over them never sees "no data" on a fresh node.
+fn zero_series() {
+    for outcome in [
+        "recovered",
+        "epoch_changed",
+        "too_old",
+        "unavailable",
+        "bad_since",
+    ] {
+        metrics::counter!(RECOVERIES, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(REPLAYED).increment(0);
+    metrics::counter!(HISTORY_DUPLICATES).increment(0);
 }
 
 fn describe() {
