@@ -32,6 +32,10 @@ pub mod metrics;
 pub mod node;
 mod redis_conn;
 mod store;
+/// The Autobahn echo testee (`scripts/autobahn`); not part of the product.
+#[cfg(feature = "autobahn")]
+#[doc(hidden)]
+pub mod testee;
 pub mod ws;
 
 pub use config::Config;

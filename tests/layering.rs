@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 /// (unit, layer), top to bottom.
 const UNITS: &[(&str, &str)] = &[
     // Edges: parse, authorize, render errors; wire the node.
+    ("testee", "edges"),
     ("node", "edges"),
     ("health", "edges"),
     ("http", "edges"),
@@ -35,6 +36,7 @@ const UNITS: &[(&str, &str)] = &[
     ("store", "infrastructure"),
     ("redis_conn", "infrastructure"),
     ("auth", "infrastructure"),
+    ("ws::assemble", "infrastructure"),
     ("ws::outbox", "infrastructure"),
     // Leaves: no IO of their own, import only each other downwards.
     ("ws::dialect", "leaves"),

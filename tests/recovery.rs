@@ -67,7 +67,7 @@ async fn a_resumed_socket_gets_what_it_missed_once_then_live() {
     let db = TestDb::sqlite();
     let node = TestNode::start(config(&db, None, "rec")).await;
     let path = format!("/?token={}", user(7));
-    let mut c = Client::connect(node.addr, &path).await;
+    let mut c = Client::connect_positions(node.addr, &path).await;
     let hello = c.recv().await;
     assert_eq!(hello["type"], "connected");
     let rooms = rooms_of(&hello);
@@ -97,7 +97,8 @@ async fn a_resumed_socket_gets_what_it_missed_once_then_live() {
     // Missed while away: 5..=9.
     publish_n(node.addr, "user-7", 5, 5).await;
     let pos = json!({"user-7": {"epoch": epoch, "offset": 4}});
-    let mut c = Client::connect(node.addr, &format!("{path}&since={}", since(&pos))).await;
+    let mut c =
+        Client::connect_positions(node.addr, &format!("{path}&since={}", since(&pos))).await;
     let hello = c.recv().await;
     assert_eq!(
         recovery_of(&hello)["user-7"],
@@ -123,7 +124,7 @@ async fn all_or_nothing_epoch_changed_too_old_and_bad_since() {
     cfg.history.size = 3;
     let node = TestNode::start(cfg).await;
     let path = format!("/ws?token={}", user(8));
-    let mut c = Client::connect(node.addr, &path).await;
+    let mut c = Client::connect_positions(node.addr, &path).await;
     let hello = c.recv().await;
     assert_eq!(hello["type"], "CONNECTED");
     let epoch = rooms_of(&hello)["user-8"]["epoch"]
@@ -147,7 +148,8 @@ async fn all_or_nothing_epoch_changed_too_old_and_bad_since() {
         ),
     ];
     for (pos, reason, at) in cases {
-        let mut c = Client::connect(node.addr, &format!("{path}&since={}", since(&pos))).await;
+        let mut c =
+            Client::connect_positions(node.addr, &format!("{path}&since={}", since(&pos))).await;
         let hello = c.recv().await;
         assert_eq!(
             recovery_of(&hello)["user-8"],
@@ -164,7 +166,8 @@ async fn all_or_nothing_epoch_changed_too_old_and_bad_since() {
     }
     // Within the window it works.
     let pos = json!({"user-8": {"epoch": epoch, "offset": 6}});
-    let mut c = Client::connect(node.addr, &format!("{path}&since={}", since(&pos))).await;
+    let mut c =
+        Client::connect_positions(node.addr, &format!("{path}&since={}", since(&pos))).await;
     let hello = c.recv().await;
     assert_eq!(
         recovery_of(&hello)["user-8"],
@@ -182,7 +185,7 @@ async fn all_or_nothing_epoch_changed_too_old_and_bad_since() {
         since(&json!([1, 2])),
         since(&json!({"a": {"epoch": 1}})),
     ] {
-        let mut c = Client::connect(node.addr, &format!("{path}&since={bad}")).await;
+        let mut c = Client::connect_positions(node.addr, &format!("{path}&since={bad}")).await;
         let hello = c.recv().await;
         assert_eq!(hello["type"], "CONNECTED");
         assert_eq!(recovery_of(&hello), Value::Null);
@@ -199,7 +202,9 @@ async fn all_or_nothing_epoch_changed_too_old_and_bad_since() {
     let many: BTreeMap<String, Value> = (0..65)
         .map(|i| (format!("r{i}"), json!({"epoch": "e", "offset": 0})))
         .collect();
-    let mut c = Client::connect(node.addr, &format!("{path}&since={}", since(&json!(many)))).await;
+    let mut c =
+        Client::connect_positions(node.addr, &format!("{path}&since={}", since(&json!(many))))
+            .await;
     c.recv().await;
     assert_eq!(c.recv().await["payload"]["code"], "bad_since");
 }
@@ -214,7 +219,7 @@ async fn replay_is_once_across_rooms_and_skips_volatile_events() {
     let node = TestNode::start(config(&db, None, "rec")).await;
     // A manager of city 3 is in city-3-orders and user-9.
     let path = format!("/ws?token={}", manager(9, &[3]));
-    let mut c = Client::connect(node.addr, &path).await;
+    let mut c = Client::connect_positions(node.addr, &path).await;
     let hello = c.recv().await;
     let rooms = rooms_of(&hello);
     let pos: Value = rooms
@@ -237,7 +242,8 @@ async fn replay_is_once_across_rooms_and_skips_volatile_events() {
     assert_eq!(s, 204, "{b}");
     publish_n(node.addr, "user-9", 1, 1).await;
 
-    let mut c = Client::connect(node.addr, &format!("{path}&since={}", since(&pos))).await;
+    let mut c =
+        Client::connect_positions(node.addr, &format!("{path}&since={}", since(&pos))).await;
     let hello = c.recv().await;
     let rec = recovery_of(&hello);
     assert_eq!(
@@ -274,7 +280,7 @@ async fn join_room_with_since_replays_on_the_rooms_dialect() {
     init_tracing();
     let db = TestDb::sqlite();
     let node = TestNode::start(config(&db, None, "rec")).await;
-    let mut c = connect_ready(node.addr, "/", &admin()).await;
+    let mut c = connect_ready_positions(node.addr, "/", &admin()).await;
     c.send_json(json!({"type": "join-room", "data": {"roomId": "board"}}))
         .await;
     let joined = c.recv().await;
@@ -286,7 +292,7 @@ async fn join_room_with_since_replays_on_the_rooms_dialect() {
     drop(c);
     publish_n(node.addr, "board", 3, 2).await;
 
-    let mut c = connect_ready(node.addr, "/", &admin()).await;
+    let mut c = connect_ready_positions(node.addr, "/", &admin()).await;
     c.send_json(json!({"type": "join-room", "data": {"roomId": "board", "since": {"epoch": epoch, "offset": 2}}}))
         .await;
     let joined = c.recv().await;
@@ -321,7 +327,7 @@ async fn resume_on_another_node_under_load_has_no_gap_and_no_duplicate() {
     let a = TestNode::start(config(&db, Some(&redis), "a")).await;
     let b = TestNode::start(config(&db, Some(&redis), "b")).await;
     let path = format!("/ws/driver/orders/?token={}", driver(21, 1));
-    let mut c = Client::connect(a.addr, &path).await;
+    let mut c = Client::connect_positions(a.addr, &path).await;
     let hello = c.recv().await;
     assert_eq!(hello["type"], "connection_established");
     let mut pos = rooms_of(&hello);
@@ -362,7 +368,7 @@ async fn resume_on_another_node_under_load_has_no_gap_and_no_duplicate() {
             }
         }
         drop(c);
-        c = Client::connect(hop, &format!("{path}&since={}", since(&pos))).await;
+        c = Client::connect_positions(hop, &format!("{path}&since={}", since(&pos))).await;
         let hello = c.recv().await;
         assert_eq!(
             recovery_of(&hello)["driver-21"]["recovered"],

@@ -22,8 +22,9 @@ use bytes::BytesMut;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::assemble::{Assembler, Step};
 use super::dialect::{Command, Dialect, Reply};
-use super::frame::{self, DecodeError, Op};
+use super::frame::{self, DecodeError};
 use super::outbox::{Outbox, close_code};
 use crate::app::App;
 use crate::auth::{AuthError, Identity, Role};
@@ -126,8 +127,14 @@ async fn refuse(outbox: &Outbox, code: u16, err: &'static str, message: &str) {
 }
 
 /// Sends the close frame (after the backlog when `keep_queue`), then ends
-/// the TCP stream. Gives up after 2 s on a peer that does not read.
-async fn goodbye(outbox: &Outbox, keep_queue: bool) {
+/// the TCP stream: our side is shut for writing, and what the peer still
+/// sends (the rest of a message over the cap, its close frame) is read and
+/// dropped until it closes too, so the connection ends with a closing
+/// handshake rather than a reset (closing a socket with unread input makes
+/// the kernel send RST, and the peer may lose our close frame): after a
+/// protocol failure (1002, 1007, 1009) only. Gives up after 2 s on a peer
+/// that does not read, and after 2 s more on one that does not close.
+pub(crate) async fn goodbye(outbox: &Outbox, keep_queue: bool) {
     let (code, reason) = outbox.closer.reason().unwrap_or((close_code::NORMAL, ""));
     outbox.seal(frame::close(code, reason), keep_queue);
     let Some(stream) = outbox.stream() else {
@@ -141,6 +148,29 @@ async fn goodbye(outbox: &Outbox, keep_queue: bool) {
     })
     .await;
     let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Write);
+    // After a protocol failure the peer may still be sending: read until it
+    // closes. Otherwise (drain, normal close, refusals) the peer is expected
+    // to be done; a well-behaved one closes at once anyway.
+    let failed = matches!(
+        code,
+        close_code::PROTOCOL_ERROR | close_code::INVALID_DATA | close_code::MESSAGE_TOO_BIG
+    );
+    if !failed {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut sink = [0u8; 4096];
+        loop {
+            stream.readable().await?;
+            match stream.try_read(&mut sink) {
+                Ok(0) => return io::Result::Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
 }
 
 /// When a socket pinged now pings next: `every` from now, rounded up to a
@@ -164,8 +194,8 @@ struct Inbound {
     /// The whole size of the frame at the front of `buf`, once its header
     /// has arrived (0 when unknown).
     need: usize,
-    /// A fragmented message being reassembled: (is text, bytes so far).
-    partial: Option<(bool, Vec<u8>)>,
+    /// Fragments of a message being reassembled.
+    messages: Assembler,
 }
 
 /// What resuming a socket's rooms came to: positions for the connect
@@ -402,7 +432,7 @@ impl Session {
         let mut inbound = Inbound {
             buf: early,
             need: 0,
-            partial: None,
+            messages: Assembler::default(),
         };
         // Frames the client sent right behind its handshake.
         if !inbound.buf.is_empty()
@@ -503,43 +533,28 @@ impl Session {
                     return Some(true);
                 }
             };
-            let (text, payload) = match frame.op {
-                Op::Close => {
-                    self.outbox.closer.close(close_code::NORMAL, "");
+            let (text, payload) = match inbound.messages.push(frame, hard_cap(max)) {
+                Step::More | Step::Pong => continue,
+                Step::Ping(payload) => {
+                    self.outbox.push(frame::pong(&payload));
+                    continue;
+                }
+                Step::Close(code) => {
+                    // Echo the peer's code; what is still queued is dropped.
+                    self.outbox.closer.close(code, "");
                     return Some(false);
                 }
-                Op::Ping => {
-                    self.outbox.push(frame::pong(&frame.payload));
-                    continue;
+                Step::Fail(close_code::MESSAGE_TOO_BIG, _) => {
+                    let size = inbound.messages.pending().max(hard_cap(max) + 1);
+                    return self.too_large(size);
                 }
-                Op::Pong => continue,
-                Op::Text | Op::Binary if frame.fin => {
-                    (frame.op == Op::Text, frame.payload.to_vec())
+                Step::Fail(code, why) => {
+                    self.error("bad_frame", why);
+                    self.outbox.closer.close(code, "protocol error");
+                    return Some(true);
                 }
-                Op::Text | Op::Binary => {
-                    inbound.partial = Some((frame.op == Op::Text, frame.payload.to_vec()));
-                    continue;
-                }
-                Op::Continuation => {
-                    let Some((text, mut buf)) = inbound.partial.take() else {
-                        self.error("bad_message", "continuation frame without a first frame");
-                        continue;
-                    };
-                    buf.extend_from_slice(&frame.payload);
-                    if buf.len() > hard_cap(max) {
-                        return self.too_large(buf.len());
-                    }
-                    if !frame.fin {
-                        inbound.partial = Some((text, buf));
-                        continue;
-                    }
-                    (text, buf)
-                }
+                Step::Message { text, payload } => (text, payload),
             };
-            if text && std::str::from_utf8(&payload).is_err() {
-                self.error("bad_message", "text frames must be UTF-8");
-                continue;
-            }
             self.handle_message(text, &payload, max).await;
         }
     }

@@ -23,6 +23,12 @@ pub fn text(payload: Vec<u8>) -> Bytes {
     encode(Frame::text(Payload::Owned(payload)))
 }
 
+/// Only the Autobahn echo testee sends binary frames.
+#[cfg_attr(not(feature = "autobahn"), allow(dead_code))]
+pub fn binary(payload: Vec<u8>) -> Bytes {
+    encode(Frame::binary(Payload::Owned(payload)))
+}
+
 pub fn close(code: u16, reason: &str) -> Bytes {
     encode(Frame::close(code, reason.as_bytes()))
 }

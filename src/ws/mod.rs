@@ -1,6 +1,7 @@
 //! WebSocket endpoints: which path speaks which dialect, where the token is,
 //! and the upgrade. The per-socket tasks live in [`conn`].
 
+pub(crate) mod assemble;
 pub(crate) mod conn;
 pub mod dialect;
 pub(crate) mod frame;

@@ -22,6 +22,8 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     /// The client sent something that is not a valid WebSocket frame.
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message (or close reason) that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// Drain: the node is restarting, reconnect elsewhere.
     pub const SERVICE_RESTART: u16 = 1012;

@@ -128,7 +128,8 @@ async fn fragmented_messages_are_reassembled_and_bad_frames_closed_1002() {
                 .await;
         }
         assert_eq!(c.recv().await, json!({"type": "pong"}), "{path}");
-        // A continuation with nothing to continue is an error, not a close.
+        // A continuation with nothing to continue fails the connection
+        // (RFC 6455 §5.4): the error, then 1002.
         c.send_frame(Frame::new(
             true,
             OpCode::Continuation,
@@ -136,9 +137,12 @@ async fn fragmented_messages_are_reassembled_and_bad_frames_closed_1002() {
             Payload::Borrowed(b"x"),
         ))
         .await;
-        assert_error(dialect, &c.recv().await, "bad_message");
-        c.send_json(json!({"type": "ping"})).await;
-        assert_eq!(c.recv().await, json!({"type": "pong"}), "{path}");
+        assert_error(dialect, &c.recv().await, "bad_frame");
+        match c.next_seen(WAIT).await {
+            Some(Seen::Close(code)) => assert_eq!(code, 1002, "{path}"),
+            other => panic!("{path}: expected close 1002, got {other:?}"),
+        }
+        let mut c = connect_ready(node.addr, path, &tok).await;
 
         // An unmasked client frame cannot be trusted to be in sync: an
         // error in the dialect's shape, then close 1002; others unaffected.

@@ -383,7 +383,7 @@ async fn check_socket(file: &str) {
         if orders.as_ref().is_some_and(|o| !o.is_empty()) {
             continue; // a fresh node has no offers to list
         }
-        let mut c = Client::connect(node.addr, &with_token(claims)).await;
+        let mut c = Client::connect_positions(node.addr, &with_token(claims)).await;
         for want in case.expected.as_array().unwrap() {
             assert_eq!(&as_seed_reads(c.recv().await, None), want, "{}", case.name);
         }
@@ -392,7 +392,7 @@ async fn check_socket(file: &str) {
     }
 
     // Client messages and their answers, on one socket.
-    let mut c = connect_ready(node.addr, &g.path, &token(g.client.clone())).await;
+    let mut c = connect_ready_positions(node.addr, &g.path, &token(g.client.clone())).await;
     for case in &g.cases {
         if let Input::Send(text) = &case.input {
             c.send_text(text).await;
@@ -416,7 +416,7 @@ async fn check_socket(file: &str) {
         let claims = claims_in(g.dialect, &r);
         let key = claims.to_string();
         if !sockets.contains_key(&key) {
-            let c = connect_ready(node.addr, &g.path, &token(claims)).await;
+            let c = connect_ready_positions(node.addr, &g.path, &token(claims)).await;
             sockets.insert(key.clone(), (c, r.clone()));
         }
         match &case.input {

@@ -15,6 +15,7 @@ mod common;
 mod bad_input;
 mod golden;
 mod refusals;
+mod rfc6455;
 mod slow_and_silent;
 
 use serde_json::{Value, json};
