@@ -124,6 +124,7 @@ impl Node {
             drivers,
             offers,
             rules: Rules::from_config(&config),
+            relay: tokio::sync::Notify::new(),
         });
         let app = Arc::new(App {
             config,
@@ -152,6 +153,13 @@ impl Node {
         if ctx.sync_on() {
             tokio::spawn(crate::domain::sync::run(ctx.clone(), app.stop.clone()));
         }
+        // Test-only fault, read here because `Config` has no field for it:
+        // `SWITCHBOARD_FAULT=hang-after-publish` (clap takes any value of the
+        // variable, and only `hang-after-claim` means something to it).
+        let hang_after_publish =
+            std::env::var("SWITCHBOARD_FAULT").is_ok_and(|f| f == "hang-after-publish");
+        let relay = crate::domain::relay::Relay::new(&app.config.node_id, hang_after_publish);
+        tokio::spawn(relay.run(ctx.clone(), app.stop.clone()));
         let done = tokio::spawn(serve(listener, app.clone()));
         tracing::info!(%addr, node_id = %app.config.node_id, mode = if app.redis.is_some() { "cluster" } else { "embedded" }, "switchboard listening");
         Ok(Node { addr, app, done })
