@@ -136,13 +136,12 @@ impl Relay {
             }
             wait = match self.drain(&ctx).await {
                 Ok(outcome) => {
-                    if failing {
-                        tracing::info!("event relay publishing again");
-                    }
                     failing = false;
                     backoff = BACKOFF_FIRST;
                     match outcome {
                         Drained::Empty => POLL,
+                        // Another relay drains; it may have looked before
+                        // this node's rows committed, so look again soon.
                         Drained::Busy => {
                             let w = busy;
                             busy = (busy * 2).min(POLL);
