@@ -188,9 +188,8 @@ async fn apply_fields(
 }
 
 pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
-    let order = store::get_order(&ctx.db, id)
-        .await?
-        .ok_or_else(|| DomainError::NotFound(format!("order {id} not found")))?;
+    let not_found = || DomainError::NotFound(format!("order {id} not found"));
+    let order = store::get_order(&ctx.db, id).await?.ok_or_else(not_found)?;
     let ended = store::delete_order(
         &ctx.db,
         id,
@@ -201,7 +200,8 @@ pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
             EventKind::OrderDeleted { id },
         )],
     )
-    .await?;
+    .await?
+    .ok_or_else(not_found)?; // deleted meanwhile
     ctx.wake_relay();
     for offer in ended {
         dispatch::drop_deadline(ctx, &offer).await;

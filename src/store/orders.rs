@@ -223,17 +223,25 @@ pub async fn update_order(
 /// Deletes an order in one transaction: its open offers end as
 /// `cancelled` (each announced with `offer_events`), the order row goes,
 /// and `events` (built by the caller from the order it read) go into the
-/// event outbox after the offers'. Returns the offers ended.
+/// event outbox after the offers'. Returns the offers ended; `None` when
+/// the order was already gone (nothing changed, nothing announced).
 pub async fn delete_order(
     db: &DatabaseConnection,
     id: i64,
     sync: bool,
     offer_events: impl Fn(&Offer) -> Vec<Event>,
     events: Vec<Event>,
-) -> Result<Vec<Offer>, StoreError> {
+) -> Result<Option<Vec<Offer>>, StoreError> {
     let txn = db.begin().await?;
     // Write first (SQLite takes the write lock here, see the module doc).
-    order::Entity::delete_by_id(id).exec(&txn).await?;
+    let n = order::Entity::delete_by_id(id)
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if n == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
     let open = offer::Entity::find()
         .filter(offer::Column::OrderId.eq(id))
         .filter(offer::Column::Status.eq("open"))
@@ -251,5 +259,5 @@ pub async fn delete_order(
     }
     enqueue_events(&txn, events).await?;
     txn.commit().await?;
-    Ok(ended)
+    Ok(Some(ended))
 }
