@@ -100,7 +100,9 @@ pub struct Settings {
     #[arg(long, env = "SEND_QUEUE_LEN", default_value_t = 1024)]
     pub send_queue_len: usize,
     /// Fault injection for tests: `hang-after-claim` makes the offer clock
-    /// stop right after claiming deadlines, as if the node died there.
+    /// stop right after claiming deadlines, as if the node died there;
+    /// `hang-after-publish` makes the event relay stop after publishing a
+    /// row but before deleting it.
     #[arg(long, env = "SWITCHBOARD_FAULT", hide = true)]
     pub fault: Option<String>,
     /// Prefix of every Redis key and channel.
@@ -182,6 +184,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Test-only fault: the offer clock hangs after claiming (see Settings).
     pub fault_hang_after_claim: bool,
+    /// Test-only fault: the event relay hangs between publish and delete.
+    pub fault_hang_after_publish: bool,
     /// Run migrations at start (`serve --no-migrate` turns it off).
     pub migrate: bool,
 }
@@ -358,6 +362,7 @@ impl Config {
                 ttl: Duration::from_secs(s.history_ttl_secs),
             },
             fault_hang_after_claim: s.fault.as_deref() == Some("hang-after-claim"),
+            fault_hang_after_publish: s.fault.as_deref() == Some("hang-after-publish"),
             migrate: true,
         })
     }

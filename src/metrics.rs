@@ -29,6 +29,9 @@ pub const SYNC_ATTEMPTS: &str = "switchboard_sync_attempts_total";
 pub const SYNC_DELIVERED: &str = "switchboard_sync_delivered_total";
 pub const SYNC_FAILED: &str = "switchboard_sync_failed_total";
 pub const SYNC_LATENCY: &str = "switchboard_sync_delivery_latency_seconds";
+pub const OUTBOX_PENDING: &str = "switchboard_outbox_pending";
+pub const OUTBOX_RELAYED: &str = "switchboard_outbox_relayed_total";
+pub const OUTBOX_RELAY_ERRORS: &str = "switchboard_outbox_relay_errors_total";
 pub const NODE_INFO: &str = "switchboard_node_info";
 pub const RECOVERIES: &str = "switchboard_recoveries_total";
 pub const REPLAYED: &str = "switchboard_replayed_events_total";
@@ -63,6 +66,9 @@ pub const ALL: &[&str] = &[
     SYNC_DELIVERED,
     SYNC_FAILED,
     SYNC_LATENCY,
+    OUTBOX_PENDING,
+    OUTBOX_RELAYED,
+    OUTBOX_RELAY_ERRORS,
     NODE_INFO,
     RECOVERIES,
     REPLAYED,
@@ -177,6 +183,18 @@ fn describe() {
         SYNC_LATENCY,
         Unit::Seconds,
         "Order change committed to sync delivered"
+    );
+    describe_gauge!(
+        OUTBOX_PENDING,
+        "Event outbox rows waiting to be published (whole cluster, read every second)"
+    );
+    describe_counter!(
+        OUTBOX_RELAYED,
+        "Outbox events this node's relay published to the broker"
+    );
+    describe_counter!(
+        OUTBOX_RELAY_ERRORS,
+        "Relay drains that failed, by op (publish, store, lease); retried in order"
     );
     describe_gauge!(
         NODE_INFO,

@@ -125,6 +125,7 @@ impl Node {
             drivers,
             offers,
             rules: Rules::from_config(&config),
+            relay: tokio::sync::Notify::new(),
         });
         let app = Arc::new(App {
             config,
@@ -153,6 +154,11 @@ impl Node {
         if ctx.sync_on() {
             tokio::spawn(crate::domain::sync::run(ctx.clone(), app.stop.clone()));
         }
+        let relay = crate::domain::relay::Relay::new(
+            &app.config.node_id,
+            app.config.fault_hang_after_publish,
+        );
+        tokio::spawn(relay.run(ctx.clone(), app.stop.clone()));
         let done = tokio::spawn(serve(listener, app.clone()));
         tracing::info!(%addr, node_id = %app.config.node_id, mode = if app.redis.is_some() { "cluster" } else { "embedded" }, "switchboard listening");
         Ok(Node { addr, app, done })

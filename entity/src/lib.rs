@@ -2,6 +2,8 @@
 
 pub mod bonus_account;
 pub mod bonus_operation;
+pub mod event_outbox;
+pub mod lease;
 pub mod offer;
 pub mod order;
 pub mod sync_job;

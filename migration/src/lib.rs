@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_create_orders;
 mod m20261126_000002_create_sync_jobs;
+mod m20261201_000003_create_event_outbox;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_create_orders::Migration),
             Box::new(m20261126_000002_create_sync_jobs::Migration),
+            Box::new(m20261201_000003_create_event_outbox::Migration),
         ]
     }
 }

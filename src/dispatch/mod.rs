@@ -8,6 +8,11 @@
 //! (`store::end_offer`), and only the caller that made that change sends
 //! `order_timeout` and re-dispatches. The clock's lease makes sure some node
 //! gets to try; the database makes sure only one succeeds.
+//!
+//! The events of offers (made, ended, accepted) are written to the event
+//! outbox in the offer's transaction; Redis (driver index, offer clock) is
+//! used before and after it. A re-dispatch that follows a committed change
+//! ([`dispatch_committed`]) only logs its failure.
 
 pub mod clock;
 pub mod index;
@@ -95,11 +100,12 @@ pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainE
             c.distance_km,
             expires,
             &ASSIGNABLE,
+            |offer| vec![offer_made_event(&order, offer)],
         )
         .await?
         {
             Some(offer) => {
-                make_offer(ctx, &order, &offer).await?;
+                offer_made(ctx, &offer).await;
                 metrics::histogram!(m::DISPATCH_DURATION).record(start.elapsed().as_secs_f64());
                 return Ok(Some(offer));
             }
@@ -122,58 +128,93 @@ pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainE
     }
     metrics::histogram!(m::DISPATCH_DURATION).record(start.elapsed().as_secs_f64());
     metrics::counter!(m::OFFERS, "outcome" => "no_driver").increment(1);
-    ctx.publish(updated_event(&order, Vec::new(), None)).await?;
+    // Through the outbox like the change it follows (the order's creation,
+    // an offer ending), so admins hear of it after that change, not before.
+    store::enqueue(&ctx.db, vec![updated_event(&order, Vec::new(), None)]).await?;
+    ctx.wake_relay();
     Ok(None)
 }
 
-/// Schedules the deadline and tells the driver.
-async fn make_offer(ctx: &Ctx, order: &Order, offer: &Offer) -> Result<(), DomainError> {
-    ctx.offers.schedule(offer.id, deadline_ms(offer)).await?;
-    metrics::counter!(m::OFFERS, "outcome" => "made").increment(1);
-    let mut order = offer_json(order, offer.distance_km);
-    order["offer_expires_at"] = Value::String(iso(&offer.expires_at));
-    ctx.publish(Event::new(
-        vec![room::driver(offer.driver_id)],
-        EventKind::OfferMade { order },
-    ))
-    .await
+/// [`dispatch`] after a change that is already committed (an order created,
+/// an offer expired or declined): a failure, typically Redis (driver index)
+/// being down, is logged instead of turning the committed change into an
+/// error. The clock's 5 s database sweep catches up offers whose deadline
+/// could not be scheduled, and the next dispatch of the order (an admin's
+/// `POST /api/orders/{id}/dispatch`, a later expiry) the rest. A retry timer
+/// for orders left without an offer is to come.
+pub async fn dispatch_committed(ctx: &Ctx, order_id: i64) {
+    if let Err(e) = dispatch(ctx, order_id).await {
+        tracing::warn!(order = order_id, error = %e, "dispatch after commit failed; left for a later dispatch");
+    }
 }
 
-/// `order_timeout` to the driver whose offer ended, then the deadline is
-/// dropped (after the message: the driver hears first).
-pub async fn offer_ended(ctx: &Ctx, offer: &Offer, message: &str) -> Result<(), DomainError> {
-    let sent = ctx
-        .publish(Event::new(
-            vec![room::driver(offer.driver_id)],
-            EventKind::OfferEnded {
-                order_id: offer.order_id,
-                message: message.to_string(),
-            },
-        ))
-        .await;
+/// The driver's `new_order`: the order with the distance and the deadline.
+fn offer_made_event(order: &Order, offer: &Offer) -> Event {
+    let mut order = offer_json(order, offer.distance_km);
+    order["offer_expires_at"] = Value::String(iso(&offer.expires_at));
+    Event::new(
+        vec![room::driver(offer.driver_id)],
+        EventKind::OfferMade { order },
+    )
+}
+
+/// After an offer (and its `new_order` event) is committed: wakes the relay
+/// and schedules the deadline. A deadline the clock cannot take (Redis
+/// down) is logged: the offer is committed, and the clock's database sweep
+/// expires it.
+async fn offer_made(ctx: &Ctx, offer: &Offer) {
+    ctx.wake_relay();
+    metrics::counter!(m::OFFERS, "outcome" => "made").increment(1);
+    if let Err(e) = ctx.offers.schedule(offer.id, deadline_ms(offer)).await {
+        tracing::warn!(offer = offer.id, error = %e, "offer deadline not scheduled; the database sweep expires it");
+    }
+}
+
+/// `order_timeout` to the driver whose offer ended.
+pub fn offer_ended_event(offer: &Offer, message: &str) -> Event {
+    Event::new(
+        vec![room::driver(offer.driver_id)],
+        EventKind::OfferEnded {
+            order_id: offer.order_id,
+            message: message.to_string(),
+        },
+    )
+}
+
+/// Drops the deadline of an offer that ended (best effort: the clock finds
+/// the offer ended anyway).
+pub async fn drop_deadline(ctx: &Ctx, offer: &Offer) {
     let _ = ctx.offers.cancel(offer.id).await;
-    sent
 }
 
 /// Expires an offer if it is still open: `order_timeout` to its driver,
 /// then the next driver gets the order. Safe to call from any node, any
 /// number of times.
 pub async fn expire(ctx: &Ctx, offer_id: i64) -> Result<bool, DomainError> {
-    let Some(offer) = store::end_offer(&ctx.db, offer_id, "expired").await? else {
+    let Some(offer) = store::end_offer(&ctx.db, offer_id, "expired", |offer| {
+        vec![offer_ended_event(offer, EXPIRED_MESSAGE)]
+    })
+    .await?
+    else {
         return Ok(false);
     };
+    ctx.wake_relay();
     metrics::counter!(m::OFFERS, "outcome" => "expired").increment(1);
-    offer_ended(ctx, &offer, EXPIRED_MESSAGE).await?;
-    dispatch(ctx, offer.order_id).await?;
+    drop_deadline(ctx, &offer).await;
+    dispatch_committed(ctx, offer.order_id).await;
     Ok(true)
 }
 
 /// Ends the order's open offers (cancel or delete).
 pub async fn cancel_offers(ctx: &Ctx, order_id: i64, message: &str) -> Result<(), DomainError> {
     if let Some(open) = store::open_offer_of_order(&ctx.db, order_id).await?
-        && let Some(offer) = store::end_offer(&ctx.db, open.id, "cancelled").await?
+        && let Some(offer) = store::end_offer(&ctx.db, open.id, "cancelled", |offer| {
+            vec![offer_ended_event(offer, message)]
+        })
+        .await?
     {
-        offer_ended(ctx, &offer, message).await?;
+        ctx.wake_relay();
+        drop_deadline(ctx, &offer).await;
     }
     Ok(())
 }
@@ -198,12 +239,20 @@ pub async fn assign(ctx: &Ctx, order: &Order, driver_id: i64) -> Result<Offer, D
     cancel_offers(ctx, order.id, EXPIRED_MESSAGE).await?;
     let distance = pickup_distance(order, ctx.drivers.position(driver_id).await?).unwrap_or(0.0);
     let expires = offer_deadline(ctx);
-    let offer = store::create_offer(&ctx.db, order.id, driver_id, distance, expires, &ASSIGNABLE)
-        .await?
-        .ok_or_else(|| {
-            DomainError::Conflict("the driver or the order got another offer first".into())
-        })?;
-    make_offer(ctx, order, &offer).await?;
+    let offer = store::create_offer(
+        &ctx.db,
+        order.id,
+        driver_id,
+        distance,
+        expires,
+        &ASSIGNABLE,
+        |offer| vec![offer_made_event(order, offer)],
+    )
+    .await?
+    .ok_or_else(|| {
+        DomainError::Conflict("the driver or the order got another offer first".into())
+    })?;
+    offer_made(ctx, &offer).await;
     Ok(offer)
 }
 
@@ -251,32 +300,34 @@ pub async fn accept(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<Order, D
         )));
     }
     let before = store::get_order(&ctx.db, order_id).await?;
-    let order = store::accept_offer(&ctx.db, &offer, &ASSIGNABLE, ctx.sync_on())
-        .await?
-        .ok_or_else(|| {
-            DomainError::Conflict(format!("the offer of order {order_id} is no longer open"))
-        })?;
-    let _ = ctx.offers.cancel(offer.id).await;
+    let order = store::accept_offer(&ctx.db, &offer, &ASSIGNABLE, ctx.sync_on(), |order| {
+        vec![updated_event(
+            order,
+            vec!["status".into(), "driver_id".into()],
+            before.map(|b| b.status),
+        )]
+    })
+    .await?
+    .ok_or_else(|| {
+        DomainError::Conflict(format!("the offer of order {order_id} is no longer open"))
+    })?;
+    ctx.wake_relay();
+    drop_deadline(ctx, &offer).await;
     metrics::counter!(m::OFFERS, "outcome" => "accepted").increment(1);
-    ctx.publish(updated_event(
-        &order,
-        vec!["status".into(), "driver_id".into()],
-        before.map(|b| b.status),
-    ))
-    .await?;
     Ok(order)
 }
 
 pub async fn decline(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<(), DomainError> {
     let offer = own_open_offer(ctx, who, order_id).await?;
-    let Some(offer) = store::end_offer(&ctx.db, offer.id, "declined").await? else {
+    // A decline tells nobody (the driver knows); the offer ends silently.
+    let Some(offer) = store::end_offer(&ctx.db, offer.id, "declined", |_| Vec::new()).await? else {
         return Err(DomainError::Conflict(format!(
             "the offer of order {order_id} is no longer open"
         )));
     };
-    let _ = ctx.offers.cancel(offer.id).await;
+    drop_deadline(ctx, &offer).await;
     metrics::counter!(m::OFFERS, "outcome" => "declined").increment(1);
-    dispatch(ctx, order_id).await?;
+    dispatch_committed(ctx, order_id).await;
     Ok(())
 }
 

@@ -1,13 +1,13 @@
 //! Bonuses: the balance moves in the same transaction as the order change
-//! that causes it (see `store`); this module tells the user.
+//! that causes it (see `store`); this module builds the event that tells the
+//! user, which goes into the event outbox in that transaction too.
 
-use super::{Ctx, DomainError};
 use crate::event::{Event, EventKind, iso_now, room};
 use crate::store::BonusChange;
 
 /// `bonus-updated` to the user's own room.
-pub async fn emit(ctx: &Ctx, c: &BonusChange) -> Result<(), DomainError> {
-    ctx.publish(Event::new(
+pub fn event(c: &BonusChange) -> Event {
+    Event::new(
         vec![room::user(c.user_id)],
         EventKind::BonusUpdated {
             balance: c.balance,
@@ -16,6 +16,5 @@ pub async fn emit(ctx: &Ctx, c: &BonusChange) -> Result<(), DomainError> {
             order_id: Some(c.order_id),
             timestamp: iso_now(),
         },
-    ))
-    .await
+    )
 }

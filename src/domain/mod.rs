@@ -8,16 +8,22 @@
 //! - [`orders`], [`bonuses`], [`sync`]: the services. `orders` calls the
 //!   dispatcher; the dispatcher uses only this module and `model`, never
 //!   the services, so the rules layer has no cycle.
+//! - [`relay`]: publishes the event outbox. A change's events are written
+//!   in the change's transaction (`store`); after the commit the rule calls
+//!   [`Ctx::wake_relay`]. Only events that record no change (driver
+//!   positions, `/api/publish`, sync results) go out by [`Ctx::publish`].
 
 pub mod bonuses;
 pub mod model;
 pub mod orders;
+pub mod relay;
 pub mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
 
 use crate::broker::{AnyBroker, Broker, BrokerError};
 use crate::config::Config;
@@ -76,6 +82,8 @@ pub struct Ctx {
     pub drivers: AnyIndex,
     pub offers: AnyClock,
     pub rules: Rules,
+    /// Wakes this node's event relay after a commit wrote outbox rows.
+    pub relay: Notify,
 }
 
 impl Ctx {
@@ -84,7 +92,15 @@ impl Ctx {
         self.rules.sync.is_some()
     }
 
-    /// Publishes an event to its rooms on every node.
+    /// Tells this node's relay that outbox rows were committed, so they go
+    /// out within milliseconds instead of at its next poll.
+    pub fn wake_relay(&self) {
+        self.relay.notify_one();
+    }
+
+    /// Publishes an event that records no change (driver positions, custom
+    /// events, sync results) to its rooms on every node, now. Events of
+    /// committed changes go through the outbox instead (see [`relay`]).
     pub async fn publish(&self, event: Event) -> Result<(), DomainError> {
         Ok(self.broker.publish(Arc::new(event)).await?)
     }

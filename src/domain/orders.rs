@@ -1,7 +1,10 @@
 //! Orders: the lifecycle services (create, change, delete) and the events
 //! each change produces. HTTP handlers call these after parsing and role
 //! checks; the rules themselves (amounts, coordinates, bonuses, lifecycle)
-//! live here and in [`super::model`].
+//! live here and in [`super::model`]. The events are built inside the
+//! change's transaction (the store calls back with the rows it wrote) and
+//! leave through the event outbox, so a committed change is announced even
+//! when the broker is down at that moment.
 
 use chrono::{DateTime, Utc};
 
@@ -86,22 +89,25 @@ fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
 }
 
 /// Creates an order (debiting bonuses), announces it, and starts dispatch
-/// when it has a pickup point.
+/// when it has a pickup point. Succeeds once the order is committed: the
+/// announcement waits in the outbox if the broker is down, and a dispatch
+/// that fails is only logged (see [`dispatch::dispatch_committed`]).
 pub async fn create(ctx: &Ctx, draft: OrderDraft) -> Result<Order, DomainError> {
     let new = validate(draft, ctx.rules.bonus_rate)?;
-    let (order, debit) = store::create_order(&ctx.db, new, ctx.sync_on()).await?;
-    ctx.publish(Event::new(
-        order_rooms(&order),
-        EventKind::OrderCreated {
-            order: order_json(&order),
-        },
-    ))
+    let order = store::create_order(&ctx.db, new, ctx.sync_on(), |order, debit| {
+        let mut events = vec![Event::new(
+            order_rooms(order),
+            EventKind::OrderCreated {
+                order: order_json(order),
+            },
+        )];
+        events.extend(debit.map(bonuses::event));
+        events
+    })
     .await?;
-    if let Some(change) = debit {
-        bonuses::emit(ctx, &change).await?;
-    }
+    ctx.wake_relay();
     if pickup(&order).is_some() {
-        dispatch::dispatch(ctx, order.id).await?;
+        dispatch::dispatch_committed(ctx, order.id).await;
     }
     Ok(order)
 }
@@ -154,17 +160,23 @@ async fn apply_fields(
         if changed.is_empty() {
             return Ok(current);
         }
-        let Some((order, credit)) =
-            store::update_order(&ctx.db, &current, &changes, ctx.sync_on()).await?
+        let old_status = status.as_ref().map(|_| current.status.clone());
+        let Some(order) = store::update_order(
+            &ctx.db,
+            &current,
+            &changes,
+            ctx.sync_on(),
+            |order, credit| {
+                let mut events = vec![updated_event(order, changed, old_status)];
+                events.extend(credit.map(bonuses::event));
+                events
+            },
+        )
+        .await?
         else {
             continue; // someone else changed it: re-read and re-check
         };
-        let old_status = status.as_ref().map(|_| current.status.clone());
-        ctx.publish(updated_event(&order, changed, old_status))
-            .await?;
-        if let Some(c) = credit {
-            bonuses::emit(ctx, &c).await?;
-        }
+        ctx.wake_relay();
         if order.status == "cancelled" {
             dispatch::cancel_offers(ctx, order.id, "Order cancelled").await?;
         }
@@ -176,18 +188,25 @@ async fn apply_fields(
 }
 
 pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
-    let order = store::get_order(&ctx.db, id)
-        .await?
-        .ok_or_else(|| DomainError::NotFound(format!("order {id} not found")))?;
-    let ended = store::delete_order(&ctx.db, id, ctx.sync_on()).await?;
+    let not_found = || DomainError::NotFound(format!("order {id} not found"));
+    let order = store::get_order(&ctx.db, id).await?.ok_or_else(not_found)?;
+    let ended = store::delete_order(
+        &ctx.db,
+        id,
+        ctx.sync_on(),
+        |offer| vec![dispatch::offer_ended_event(offer, "Order cancelled")],
+        vec![Event::new(
+            order_rooms(&order),
+            EventKind::OrderDeleted { id },
+        )],
+    )
+    .await?
+    .ok_or_else(not_found)?; // deleted meanwhile
+    ctx.wake_relay();
     for offer in ended {
-        dispatch::offer_ended(ctx, &offer, "Order cancelled").await?;
+        dispatch::drop_deadline(ctx, &offer).await;
     }
-    ctx.publish(Event::new(
-        order_rooms(&order),
-        EventKind::OrderDeleted { id },
-    ))
-    .await
+    Ok(())
 }
 
 /// The order if `who` may see it; 404 otherwise (existence not revealed).

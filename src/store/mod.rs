@@ -1,6 +1,11 @@
 //! The only place that speaks to the database, one file per area:
-//! [`orders`], [`offers`], [`bonuses`], [`sync`]. This file connects, runs
-//! migrations and holds the statement helpers they share.
+//! [`orders`], [`offers`], [`bonuses`], [`sync`], [`outbox`]. This file
+//! connects, runs migrations and holds the statement helpers they share.
+//!
+//! A change that tells clients about itself takes a closure that builds its
+//! events from the rows it produced (the new order with its version, the
+//! offer ended); they go into the event outbox in the same transaction, so a
+//! committed change always reaches the broker (the relay publishes them).
 //!
 //! Every change that must happen once is a conditional statement whose row
 //! count says whether this call made it: an offer leaves `open` once, an
@@ -20,15 +25,18 @@ use sea_orm::{
 mod bonuses;
 mod offers;
 mod orders;
+mod outbox;
 mod sync;
 
 pub use bonuses::{BonusChange, bonus_balance, bonus_operations};
 pub use entity::bonus_operation::Model as BonusOp;
+pub use entity::event_outbox::Model as OutboxRow;
 pub use entity::offer::Model as Offer;
 pub use entity::order::Model as Order;
 pub use entity::sync_job::Model as SyncJob;
 pub use offers::*;
 pub use orders::*;
+pub use outbox::*;
 pub use sync::*;
 
 #[derive(Debug, thiserror::Error)]

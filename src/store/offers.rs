@@ -4,13 +4,15 @@
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
     TransactionTrait, Value,
 };
 use std::collections::HashSet;
 
+use super::outbox::enqueue_events;
 use super::sync::enqueue_sync;
 use super::{Offer, Order, StoreError, is_unique_violation, stmt};
+use crate::event::Event;
 use entity::{offer, order};
 
 // ---------------------------------------------------------------- offers
@@ -19,6 +21,7 @@ use entity::{offer, order};
 /// one (the partial unique indexes decide, so racing dispatchers are safe),
 /// or when the order is gone or no longer waiting for a driver (checked in
 /// the same statement, so a delete or an accept racing a dispatch wins).
+/// `events`, built from the new offer, go into the event outbox with it.
 pub async fn create_offer(
     db: &DatabaseConnection,
     order_id: i64,
@@ -26,6 +29,7 @@ pub async fn create_offer(
     distance_km: f64,
     expires_at: DateTime<Utc>,
     assignable: &[&str],
+    events: impl FnOnce(&Offer) -> Vec<Event>,
 ) -> Result<Option<Offer>, StoreError> {
     let marks = vec!["?"; assignable.len()].join(", ");
     let sql = format!(
@@ -42,31 +46,63 @@ pub async fn create_offer(
         order_id.into(),
     ];
     values.extend(assignable.iter().map(|s| Value::from(*s)));
+    let txn = db.begin().await?;
     let r = offer::Entity::find()
-        .from_raw_sql(stmt(db, &sql, values))
-        .one(db)
+        .from_raw_sql(stmt(&txn, &sql, values))
+        .one(&txn)
         .await;
-    match r {
-        Ok(o) => Ok(o),
-        Err(e) if is_unique_violation(&e) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    let offer = match r {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        Err(e) => {
+            txn.rollback().await?;
+            return if is_unique_violation(&e) {
+                Ok(None)
+            } else {
+                Err(e.into())
+            };
+        }
+    };
+    enqueue_events(&txn, events(&offer)).await?;
+    txn.commit().await?;
+    Ok(Some(offer))
 }
 
 /// Moves an offer out of `open` to `status`; returns it if this call did
-/// (exactly one caller ever gets `Some` for an offer).
+/// (exactly one caller ever gets `Some` for an offer). `events`, built from
+/// the ended offer, go into the event outbox in the same transaction.
 pub async fn end_offer(
+    db: &DatabaseConnection,
+    offer_id: i64,
+    status: &str,
+    events: impl FnOnce(&Offer) -> Vec<Event>,
+) -> Result<Option<Offer>, StoreError> {
+    let txn = db.begin().await?;
+    let Some(offer) = end_offer_in(&txn, offer_id, status).await? else {
+        txn.rollback().await?;
+        return Ok(None);
+    };
+    enqueue_events(&txn, events(&offer)).await?;
+    txn.commit().await?;
+    Ok(Some(offer))
+}
+
+/// [`end_offer`] inside the caller's transaction, without events.
+pub(super) async fn end_offer_in(
     db: &impl ConnectionTrait,
     offer_id: i64,
     status: &str,
-) -> Result<Option<Offer>, StoreError> {
+) -> Result<Option<Offer>, DbErr> {
     // One round trip: the conditional UPDATE returns the row it changed.
     let st = stmt(
         db,
         "UPDATE offers SET status = ?, ended_at = ? WHERE id = ? AND status = 'open' RETURNING *",
         vec![status.into(), Utc::now().into(), offer_id.into()],
     );
-    Ok(offer::Entity::find().from_raw_sql(st).one(db).await?)
+    offer::Entity::find().from_raw_sql(st).one(db).await
 }
 
 pub async fn open_offer_of_order(
@@ -145,12 +181,14 @@ pub async fn unavailable_drivers(
 
 /// Accepts an open, unexpired offer and assigns its driver in one
 /// transaction; `None` when the offer is no longer open or the order moved
-/// past the point a driver can take it.
+/// past the point a driver can take it. `events`, built from the order
+/// after the change, go into the event outbox in that transaction.
 pub async fn accept_offer(
     db: &DatabaseConnection,
     offer: &Offer,
     assignable: &[&str],
     sync: bool,
+    events: impl FnOnce(&Order) -> Vec<Event>,
 ) -> Result<Option<Order>, StoreError> {
     let txn = db.begin().await?;
     let now = Utc::now();
@@ -184,10 +222,14 @@ pub async fn accept_offer(
         txn.rollback().await?;
         return Ok(None);
     }
-    let o = order::Entity::find_by_id(offer.order_id).one(&txn).await?;
+    let Some(o) = order::Entity::find_by_id(offer.order_id).one(&txn).await? else {
+        txn.rollback().await?;
+        return Ok(None);
+    };
     if sync {
         enqueue_sync(&txn, offer.order_id, "updated").await?;
     }
+    enqueue_events(&txn, events(&o)).await?;
     txn.commit().await?;
-    Ok(o)
+    Ok(Some(o))
 }

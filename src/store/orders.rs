@@ -9,9 +9,11 @@ use sea_orm::{
 };
 
 use super::bonuses::{BonusChange, balance_in, credit_in, record_operation};
-use super::offers::end_offer;
+use super::offers::end_offer_in;
+use super::outbox::enqueue_events;
 use super::sync::enqueue_sync;
 use super::{Offer, Order, StoreError, exec};
+use crate::event::Event;
 use entity::{offer, order};
 
 // ---------------------------------------------------------------- orders
@@ -35,12 +37,15 @@ pub struct NewOrder {
 }
 
 /// Inserts an order, debiting `bonuses_used` from the creator's balance in
-/// the same transaction (refused when the balance is short).
+/// the same transaction (refused when the balance is short); `events` are
+/// built from the new order and the debit and go into the event outbox in
+/// that transaction too.
 pub async fn create_order(
     db: &DatabaseConnection,
     new: NewOrder,
     sync: bool,
-) -> Result<(Order, Option<BonusChange>), StoreError> {
+    events: impl FnOnce(&Order, Option<&BonusChange>) -> Vec<Event>,
+) -> Result<Order, StoreError> {
     let txn = db.begin().await?;
     let now = Utc::now();
     let needed = new.bonuses_used;
@@ -98,8 +103,9 @@ pub async fn create_order(
     if sync {
         enqueue_sync(&txn, model.id, "created").await?;
     }
+    enqueue_events(&txn, events(&model, change.as_ref())).await?;
     txn.commit().await?;
-    Ok((model, change))
+    Ok(model)
 }
 
 pub async fn get_order(db: &DatabaseConnection, id: i64) -> Result<Option<Order>, StoreError> {
@@ -161,14 +167,16 @@ pub struct OrderChanges {
 }
 
 /// Applies `changes` if the order is still at `version`; returns the new
-/// order (None when someone else changed it first) and, when the status
-/// became `completed`, the bonus credit made in the same transaction.
+/// order (None when someone else changed it first). `events` are built from
+/// the new order and, when the status became `completed`, the bonus credit
+/// made in the same transaction; they go into the event outbox with it.
 pub async fn update_order(
     db: &DatabaseConnection,
     current: &Order,
     changes: &OrderChanges,
     sync: bool,
-) -> Result<Option<(Order, Option<BonusChange>)>, StoreError> {
+    events: impl FnOnce(&Order, Option<&BonusChange>) -> Vec<Event>,
+) -> Result<Option<Order>, StoreError> {
     let txn = db.begin().await?;
     let now = Utc::now();
     let mut q = order::Entity::update_many()
@@ -207,32 +215,49 @@ pub async fn update_order(
     if sync {
         enqueue_sync(&txn, current.id, "updated").await?;
     }
+    enqueue_events(&txn, events(&updated, credit.as_ref())).await?;
     txn.commit().await?;
-    Ok(Some((updated, credit)))
+    Ok(Some(updated))
 }
 
-/// Deletes an order; open offers of it are ended as `cancelled` and returned.
+/// Deletes an order in one transaction: its open offers end as
+/// `cancelled` (each announced with `offer_events`), the order row goes,
+/// and `events` (built by the caller from the order it read) go into the
+/// event outbox after the offers'. Returns the offers ended; `None` when
+/// the order was already gone (nothing changed, nothing announced).
 pub async fn delete_order(
     db: &DatabaseConnection,
     id: i64,
     sync: bool,
-) -> Result<Vec<Offer>, StoreError> {
+    offer_events: impl Fn(&Offer) -> Vec<Event>,
+    events: Vec<Event>,
+) -> Result<Option<Vec<Offer>>, StoreError> {
+    let txn = db.begin().await?;
+    // Write first (SQLite takes the write lock here, see the module doc).
+    let n = order::Entity::delete_by_id(id)
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if n == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
     let open = offer::Entity::find()
         .filter(offer::Column::OrderId.eq(id))
         .filter(offer::Column::Status.eq("open"))
-        .all(db)
+        .all(&txn)
         .await?;
     let mut ended = Vec::new();
     for o in open {
-        if let Some(o) = end_offer(db, o.id, "cancelled").await? {
+        if let Some(o) = end_offer_in(&txn, o.id, "cancelled").await? {
+            enqueue_events(&txn, offer_events(&o)).await?;
             ended.push(o);
         }
     }
-    let txn = db.begin().await?;
-    order::Entity::delete_by_id(id).exec(&txn).await?;
     if sync {
         enqueue_sync(&txn, id, "deleted").await?;
     }
+    enqueue_events(&txn, events).await?;
     txn.commit().await?;
-    Ok(ended)
+    Ok(Some(ended))
 }
