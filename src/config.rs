@@ -106,6 +106,12 @@ pub struct Settings {
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "REDIS_PREFIX", default_value = "sb:")]
     pub redis_prefix: String,
+    /// Events kept per room for recovery (SPEC §10); 0 turns history off.
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+    /// A room's history is dropped this long after its last publish.
+    #[arg(long, env = "HISTORY_TTL_SECS", default_value_t = 300)]
+    pub history_ttl_secs: u64,
 }
 
 impl Default for Settings {
@@ -172,10 +178,26 @@ pub struct Config {
     pub drain_delay: Duration,
     pub send_queue_len: usize,
     pub redis_prefix: String,
+    /// Room history for recovery (`HISTORY_SIZE`, `HISTORY_TTL_SECS`).
+    pub history: HistoryConfig,
     /// Test-only fault: the offer clock hangs after claiming (see Settings).
     pub fault_hang_after_claim: bool,
     /// Run migrations at start (`serve --no-migrate` turns it off).
     pub migrate: bool,
+}
+
+/// How much of each room's past is kept for recovery.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistoryConfig {
+    /// Events per room; 0 = history off (no positions, no recovery).
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+impl HistoryConfig {
+    pub fn enabled(&self) -> bool {
+        self.size > 0
+    }
 }
 
 fn secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
@@ -300,6 +322,12 @@ impl Config {
         if s.redis_prefix.is_empty() || s.redis_prefix.contains(char::is_whitespace) {
             return Err(invalid("REDIS_PREFIX", "must be a non-empty word"));
         }
+        if s.history_size > 1_000_000 {
+            return Err(invalid("HISTORY_SIZE", "at most 1000000 events per room"));
+        }
+        if s.history_ttl_secs == 0 || s.history_ttl_secs > 30 * 86400 {
+            return Err(invalid("HISTORY_TTL_SECS", "must be 1 s to 30 days"));
+        }
         Ok(Config {
             listen,
             redis_url: s.redis_url,
@@ -325,6 +353,10 @@ impl Config {
             drain_delay: Duration::from_secs_f64(s.drain_delay_secs),
             send_queue_len: s.send_queue_len,
             redis_prefix: s.redis_prefix,
+            history: HistoryConfig {
+                size: s.history_size,
+                ttl: Duration::from_secs(s.history_ttl_secs),
+            },
             fault_hang_after_claim: s.fault.as_deref() == Some("hang-after-claim"),
             migrate: true,
         })

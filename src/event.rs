@@ -75,6 +75,24 @@ impl Event {
     }
 }
 
+/// Where a room's history stands (SPEC §10): `epoch` changes whenever the
+/// history was lost or reset; `offset` is that of the room's last
+/// historical event (0 before the first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPos {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// What a resume of one room came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Every event after the client's offset was replayed (`missed` of them).
+    Recovered { missed: u64 },
+    /// Nothing was replayed: `epoch_changed` or `too_old`.
+    NotRecovered { reason: &'static str },
+}
+
 pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

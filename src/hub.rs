@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-use crate::broker::Sink;
+use crate::broker::{Delivery, Sink};
 use crate::event::{Event, room};
 use crate::lock::{read, write};
 use crate::metrics as m;
@@ -53,11 +53,14 @@ impl Default for Hub {
 
 /// The broker hands this node's deliveries to the hub.
 impl Sink for Hub {
-    fn deliver(&self, room: &str, event: &Event) {
-        Hub::deliver(self, room, event)
+    fn deliver(&self, room: &str, offset: Option<u64>, event: &Event) {
+        Hub::deliver(self, room, offset, event)
     }
-    fn deliver_batch(&self, batch: &[(String, Event)]) {
-        Hub::deliver_batch(self, batch.iter().map(|(r, e)| (r.as_str(), e)))
+    fn deliver_batch(&self, batch: &[Delivery]) {
+        Hub::deliver_batch(
+            self,
+            batch.iter().map(|d| (d.room.as_str(), d.offset, &d.event)),
+        )
     }
     fn wants(&self, room: &str) -> bool {
         self.has_room(room)
@@ -130,17 +133,22 @@ impl Hub {
 
     /// Delivers `event` to the local members of `room`; see
     /// [`Hub::deliver_batch`].
-    pub fn deliver(&self, room: &str, event: &Event) {
-        self.deliver_batch([(room, event)]);
+    /// Delivers `event` to the local members of `room`; `offset` is its
+    /// place in the room's history, when it is historical.
+    pub fn deliver(&self, room: &str, offset: Option<u64>, event: &Event) {
+        self.deliver_batch([(room, offset, event)]);
     }
 
     /// Delivers each event to the local members of its room, in order. Each
     /// socket gets its share of the whole batch in one write: frames are
     /// queued first, then every socket that got any is flushed once.
-    pub fn deliver_batch<'a>(&self, batch: impl IntoIterator<Item = (&'a str, &'a Event)>) {
+    pub fn deliver_batch<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (&'a str, Option<u64>, &'a Event)>,
+    ) {
         let mut dirty = Vec::new();
-        for (room, event) in batch {
-            self.queue_event(room, event, &mut dirty);
+        for (room, offset, event) in batch {
+            self.queue_event(room, offset, event, &mut dirty);
         }
         for outbox in dirty {
             outbox.flush_batch();
@@ -152,7 +160,13 @@ impl Hub {
     /// multi-room publish reaches each socket once). Each dialect present
     /// renders the event once; every socket of it gets the same bytes.
     /// Sockets that need a flush are added to `dirty`.
-    fn queue_event(&self, room_name: &str, event: &Event, dirty: &mut Vec<Arc<Outbox>>) {
+    fn queue_event(
+        &self,
+        room_name: &str,
+        offset: Option<u64>,
+        event: &Event,
+        dirty: &mut Vec<Arc<Outbox>>,
+    ) {
         let idx = event.room_index(room_name).unwrap_or(0);
         let skip: HashSet<ConnId> = event.rooms[..idx]
             .iter()
@@ -181,10 +195,15 @@ impl Hub {
         };
         for member in members {
             let d = member.dialect.index();
-            let bytes = frames[d]
-                .get_or_insert_with(|| member.dialect.render(event, personal).map(frame::text));
+            let bytes = frames[d].get_or_insert_with(|| {
+                let at = offset.map(|o| (room_name, o));
+                member
+                    .dialect
+                    .render_at(event, personal, at)
+                    .map(frame::text)
+            });
             let Some(b) = bytes else { continue };
-            match member.queue(b.clone()) {
+            match member.queue_event(b.clone(), room_name, offset) {
                 Queued::Refused => continue,
                 Queued::First => dirty.push(member),
                 Queued::Behind => {}
@@ -234,8 +253,8 @@ mod tests {
         assert!(!hub.add("r1", &Outbox::new(2, Dialect::Rooms, 8, None)));
         hub.add("r2", &a);
         let e = ev(&["r1", "r2"]);
-        hub.deliver("r1", &e);
-        hub.deliver("r2", &e);
+        hub.deliver("r1", None, &e);
+        hub.deliver("r2", None, &e);
         assert_eq!(a.take_queued().len(), 1, "second copy delivered");
         assert!(!hub.remove("r1", 1));
         assert!(hub.remove("r1", 2));
@@ -257,7 +276,11 @@ mod tests {
             data: json!({}),
         };
         // As the broker hands them over: one entry per room of each event.
-        hub.deliver_batch([("r1", &both), ("r2", &both), ("r2", &second)]);
+        hub.deliver_batch([
+            ("r1", None, &both),
+            ("r2", None, &both),
+            ("r2", None, &second),
+        ]);
         let types = |o: &Outbox| -> Vec<String> {
             o.take_queued()
                 .iter()
@@ -280,7 +303,7 @@ mod tests {
         hub.add("r", &slow);
         hub.add("r", &fast);
         for _ in 0..3 {
-            hub.deliver("r", &ev(&["r"]));
+            hub.deliver("r", None, &ev(&["r"]));
             assert_eq!(fast.take_queued().len(), 1);
         }
         assert_eq!(

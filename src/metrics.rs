@@ -30,6 +30,9 @@ pub const SYNC_DELIVERED: &str = "switchboard_sync_delivered_total";
 pub const SYNC_FAILED: &str = "switchboard_sync_failed_total";
 pub const SYNC_LATENCY: &str = "switchboard_sync_delivery_latency_seconds";
 pub const NODE_INFO: &str = "switchboard_node_info";
+pub const RECOVERIES: &str = "switchboard_recoveries_total";
+pub const REPLAYED: &str = "switchboard_replayed_events_total";
+pub const HISTORY_DUPLICATES: &str = "switchboard_history_duplicates_total";
 
 /// Every metric name the server exports: what `grafana/dashboard.json`,
 /// `grafana/alerts.yml` and `tests/ops.rs` check their queries against. A
@@ -61,6 +64,9 @@ pub const ALL: &[&str] = &[
     SYNC_FAILED,
     SYNC_LATENCY,
     NODE_INFO,
+    RECOVERIES,
+    REPLAYED,
+    HISTORY_DUPLICATES,
 ];
 
 /// Sub-millisecond to seconds.
@@ -82,9 +88,26 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe();
+            zero_series();
             handle
         })
         .clone()
+}
+
+/// Series that exist from the first scrape with value 0, so a dashboard or
+/// an alert over them never sees "no data" on a fresh node.
+fn zero_series() {
+    for outcome in [
+        "recovered",
+        "epoch_changed",
+        "too_old",
+        "unavailable",
+        "bad_since",
+    ] {
+        metrics::counter!(RECOVERIES, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(REPLAYED).increment(0);
+    metrics::counter!(HISTORY_DUPLICATES).increment(0);
 }
 
 fn describe() {
@@ -158,5 +181,14 @@ fn describe() {
     describe_gauge!(
         NODE_INFO,
         "Always 1; labels name this node (NODE_ID) and its version"
+    );
+    describe_counter!(
+        RECOVERIES,
+        "Room resumes by outcome: recovered, epoch_changed, too_old, bad_since"
+    );
+    describe_counter!(REPLAYED, "Historical events replayed to resuming sockets");
+    describe_counter!(
+        HISTORY_DUPLICATES,
+        "Publishes of an event id already in a room's history (not appended again)"
     );
 }

@@ -66,7 +66,7 @@ impl Node {
         let stop = CancellationToken::new();
         let (broker, drivers, offers, redis) = match &config.redis_url {
             None => (
-                AnyBroker::Memory(MemoryBroker::new(hub.clone())),
+                AnyBroker::Memory(MemoryBroker::new(hub.clone(), config.history)),
                 AnyIndex::Memory(MemoryIndex::default()),
                 AnyClock::Memory(MemoryClock::default()),
                 None,
@@ -81,6 +81,7 @@ impl Node {
                     &config.redis_prefix,
                     hub.clone(),
                     stop.clone(),
+                    config.history,
                 );
                 (
                     AnyBroker::Redis(broker),
@@ -200,7 +201,7 @@ impl Node {
     /// Hands `event` to this node's sockets in `room` as if the broker had
     /// delivered it (no other node hears it).
     pub fn deliver_local(&self, room: &str, event: &Event) {
-        self.app.hub.deliver(room, event)
+        self.app.hub.deliver(room, None, event)
     }
 
     /// Readiness goes false at once while the node keeps serving (the

@@ -20,15 +20,24 @@ use common::*;
 use serde_json::json;
 use switchboard::broker::memory::MemoryBroker;
 use switchboard::broker::redis::RedisBroker;
-use switchboard::broker::{Broker, Sink};
-use switchboard::event::{Event, EventKind};
+use switchboard::broker::{Broker, Replay, Sink};
+use switchboard::config::HistoryConfig;
+use switchboard::event::{Event, EventKind, StreamPos};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// History as a node runs it by default.
+const HISTORY: HistoryConfig = HistoryConfig {
+    size: 1000,
+    ttl: Duration::from_secs(300),
+};
 
 /// Records every delivery; wants exactly the rooms a test put in `wanted`.
 struct TestSink {
     wanted: Mutex<HashSet<String>>,
     tx: mpsc::UnboundedSender<(String, Event)>,
+    /// The history offset of every delivery, in delivery order.
+    offsets: Mutex<Vec<(String, Option<u64>)>>,
 }
 
 type Deliveries = mpsc::UnboundedReceiver<(String, Event)>;
@@ -40,6 +49,7 @@ impl TestSink {
             Arc::new(TestSink {
                 wanted: Mutex::new(HashSet::new()),
                 tx,
+                offsets: Mutex::new(Vec::new()),
             }),
             rx,
         )
@@ -55,7 +65,11 @@ impl TestSink {
 }
 
 impl Sink for TestSink {
-    fn deliver(&self, room: &str, event: &Event) {
+    fn deliver(&self, room: &str, offset: Option<u64>, event: &Event) {
+        self.offsets
+            .lock()
+            .unwrap()
+            .push((room.to_string(), offset));
         let _ = self.tx.send((room.to_string(), event.clone()));
     }
     fn wants(&self, room: &str) -> bool {
@@ -218,9 +232,12 @@ impl RedisSetup {
     }
     /// A RedisBroker as a node builds it, under its own key prefix.
     fn broker(&self, prefix: &str, sink: Arc<dyn Sink>) -> RedisBroker {
+        self.broker_with(prefix, sink, HISTORY)
+    }
+    fn broker_with(&self, prefix: &str, sink: Arc<dyn Sink>, h: HistoryConfig) -> RedisBroker {
         let client = redis::Client::open(self.url.as_str()).unwrap();
         let pool = switchboard::redis_pool(&self.url).unwrap();
-        RedisBroker::start(client, pool, prefix, sink, self.stop.clone())
+        RedisBroker::start(client, pool, prefix, sink, self.stop.clone(), h)
     }
 }
 
@@ -233,7 +250,7 @@ impl Drop for RedisSetup {
 #[tokio::test]
 async fn memory_broker_meets_the_contract() {
     init_tracing();
-    contract(MemoryBroker::new).await;
+    contract(|sink| MemoryBroker::new(sink, HISTORY)).await;
 }
 
 #[tokio::test]
@@ -368,4 +385,255 @@ async fn redis_broker_reconnects_and_resubscribes_after_a_restart() {
         ("joined-while-down".into(), e)
     );
     assert_nothing_else(&broker, &mut rx, "r", "after the restart").await;
+}
+
+// ---------------------------------------------------------------------------
+// History (SPEC §10): the same body against both brokers.
+
+fn offsets_of(sink: &TestSink, room: &str) -> Vec<Option<u64>> {
+    sink.offsets
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(r, _)| r == room)
+        .map(|(_, o)| *o)
+        .collect()
+}
+
+fn replayed(r: &Replay) -> Vec<u64> {
+    match r {
+        Replay::Recovered { events, .. } => events.iter().map(|(o, _)| *o).collect(),
+        Replay::NotRecovered { reason, .. } => panic!("not recovered: {reason}"),
+    }
+}
+
+/// Positions, live offsets, replay, all-or-nothing, once by id, volatile.
+/// `size` must be 3.
+async fn history_contract<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B) {
+    let (sink, mut rx) = TestSink::new();
+    let broker = make(sink.clone() as Arc<dyn Sink>);
+    wait_healthy(&broker, true).await;
+    sink.want("h", true);
+    broker.reconcile("h").await.unwrap();
+
+    // A room with no history yet is at offset 0, and every call agrees.
+    let p0 = broker.position("h").await.unwrap().expect("history on");
+    assert_eq!(p0.offset, 0);
+    assert!(!p0.epoch.is_empty());
+    assert_eq!(broker.position("h").await.unwrap(), Some(p0.clone()));
+
+    // Live deliveries carry offsets 1, 2, 3, the same the history keeps.
+    let sent: Vec<Event> = (1..=3).map(|n| custom(&["h"], n)).collect();
+    for e in &sent {
+        broker.publish(Arc::new(e.clone())).await.unwrap();
+        assert_eq!(&next(&mut rx, "live").await.1, e);
+    }
+    assert_eq!(offsets_of(&sink, "h"), vec![Some(1), Some(2), Some(3)]);
+    let p3 = broker.position("h").await.unwrap().unwrap();
+    assert_eq!(
+        p3,
+        StreamPos {
+            epoch: p0.epoch.clone(),
+            offset: 3
+        }
+    );
+
+    // Replay after offset 1: events 2 and 3, intact, and the position.
+    let r = broker
+        .replay(
+            "h",
+            &StreamPos {
+                epoch: p0.epoch.clone(),
+                offset: 1,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(replayed(&r), vec![2, 3]);
+    let Replay::Recovered { events, pos } = r else {
+        unreachable!()
+    };
+    assert_eq!(events[0].1, sent[1]);
+    assert_eq!(pos, p3);
+    // Up to date: recovered, nothing missed.
+    let r = broker.replay("h", &p3).await.unwrap().unwrap();
+    assert_eq!(replayed(&r), Vec::<u64>::new());
+
+    // Another epoch, or an offset ahead of the room: epoch_changed.
+    for bad in [
+        StreamPos {
+            epoch: "not-this-one".into(),
+            offset: 1,
+        },
+        StreamPos {
+            epoch: p0.epoch.clone(),
+            offset: 9,
+        },
+    ] {
+        match broker.replay("h", &bad).await.unwrap().unwrap() {
+            Replay::NotRecovered { reason, pos } => {
+                assert_eq!(reason, "epoch_changed");
+                assert_eq!(pos, p3);
+            }
+            other => panic!("{bad:?} recovered: {other:?}"),
+        }
+    }
+
+    // Past the size (3), the oldest leave: a resume from 0 is too_old, from
+    // 1 (events 2..4 kept) still works.
+    let e4 = custom(&["h"], 4);
+    broker.publish(Arc::new(e4.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "fourth").await.1, e4);
+    match broker.replay("h", &p0).await.unwrap().unwrap() {
+        Replay::NotRecovered { reason, .. } => assert_eq!(reason, "too_old"),
+        other => panic!("resumed past the history: {other:?}"),
+    }
+    let r = broker
+        .replay(
+            "h",
+            &StreamPos {
+                epoch: p0.epoch.clone(),
+                offset: 1,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(replayed(&r), vec![2, 3, 4]);
+
+    // An event with an id enters the history once, however often it is
+    // published, and is delivered live once.
+    let mut once = custom(&["h"], 5);
+    once.id = Some("outbox-1".into());
+    broker.publish(Arc::new(once.clone())).await.unwrap();
+    broker.publish(Arc::new(once.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "id'd event").await.1, once);
+    // Volatile: delivered without an offset, not kept.
+    let mut v = custom(&["h"], 6);
+    v.volatile = true;
+    broker.publish(Arc::new(v.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "volatile").await.1, v);
+    assert_nothing_else(&broker, &mut rx, "h", "after the id'd and volatile events").await;
+    assert_eq!(
+        offsets_of(&sink, "h"),
+        vec![Some(1), Some(2), Some(3), Some(4), Some(5), None, Some(6)]
+    );
+    let r = broker.replay("h", &p3).await.unwrap().unwrap();
+    assert_eq!(
+        replayed(&r),
+        vec![4, 5, 6],
+        "the volatile event is not in history"
+    );
+}
+
+const SMALL: HistoryConfig = HistoryConfig {
+    size: 3,
+    ttl: Duration::from_secs(300),
+};
+
+#[tokio::test]
+async fn memory_broker_keeps_history() {
+    init_tracing();
+    history_contract(|sink| MemoryBroker::new(sink, SMALL)).await;
+}
+
+#[tokio::test]
+async fn redis_broker_keeps_history() {
+    init_tracing();
+    let redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    history_contract(|sink| setup.broker_with("ht:", sink, SMALL)).await;
+}
+
+/// History off (`HISTORY_SIZE=0`): no positions, no offsets.
+#[tokio::test]
+async fn history_off_gives_no_positions() {
+    init_tracing();
+    let off = HistoryConfig {
+        size: 0,
+        ttl: Duration::from_secs(300),
+    };
+    let redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (s1, mut r1) = TestSink::new();
+    let (s2, mut r2) = TestSink::new();
+    let mem = MemoryBroker::new(s1.clone(), off);
+    let red = setup.broker_with("ho:", s2.clone(), off);
+    wait_healthy(&red, true).await;
+    s2.want("x", true);
+    red.reconcile("x").await.unwrap();
+    let e = custom(&["x"], 1);
+    mem.publish(Arc::new(e.clone())).await.unwrap();
+    red.publish(Arc::new(e.clone())).await.unwrap();
+    assert_eq!(next(&mut r1, "memory").await.1, e);
+    assert_eq!(next(&mut r2, "redis").await.1, e);
+    assert_eq!(offsets_of(&s1, "x"), vec![None]);
+    assert_eq!(offsets_of(&s2, "x"), vec![None]);
+    assert_eq!(mem.position("x").await.unwrap(), None);
+    assert_eq!(red.position("x").await.unwrap(), None);
+}
+
+/// A Redis restarted without persistence lost the history: a new epoch,
+/// and a resume from the old one is refused as epoch_changed.
+#[tokio::test]
+async fn redis_restart_changes_the_epoch() {
+    init_tracing();
+    let mut redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (sink, mut rx) = TestSink::new();
+    let broker = setup.broker("hr:", sink.clone());
+    wait_healthy(&broker, true).await;
+    sink.want("r", true);
+    broker.reconcile("r").await.unwrap();
+    let e = custom(&["r"], 1);
+    broker.publish(Arc::new(e.clone())).await.unwrap();
+    assert_eq!(next(&mut rx, "before").await.1, e);
+    let before = broker.position("r").await.unwrap().unwrap();
+    assert_eq!(before.offset, 1);
+    redis.kill();
+    redis.restart();
+    wait_healthy(&broker, true).await;
+    let after = loop {
+        // The pooled connection notices the restart on its first use.
+        if let Ok(Some(p)) = broker.position("r").await {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(after.epoch, before.epoch);
+    assert_eq!(after.offset, 0);
+    match broker.replay("r", &before).await.unwrap().unwrap() {
+        Replay::NotRecovered { reason, .. } => assert_eq!(reason, "epoch_changed"),
+        other => panic!("recovered across a lost history: {other:?}"),
+    }
+}
+
+/// A room nobody publishes to for HISTORY_TTL_SECS loses its history.
+#[tokio::test]
+async fn history_expires_after_its_ttl() {
+    init_tracing();
+    let short = HistoryConfig {
+        size: 10,
+        ttl: Duration::from_secs(1),
+    };
+    let redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (s1, _r1) = TestSink::new();
+    let (s2, _r2) = TestSink::new();
+    let mem = MemoryBroker::new(s1, short);
+    let red = setup.broker_with("hx:", s2, short);
+    wait_healthy(&red, true).await;
+    let e = custom(&["t"], 1);
+    mem.publish(Arc::new(e.clone())).await.unwrap();
+    red.publish(Arc::new(e.clone())).await.unwrap();
+    let m1 = mem.position("t").await.unwrap().unwrap();
+    let r1 = red.position("t").await.unwrap().unwrap();
+    assert_eq!((m1.offset, r1.offset), (1, 1));
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let m2 = mem.position("t").await.unwrap().unwrap();
+    let r2 = red.position("t").await.unwrap().unwrap();
+    assert_ne!(m2.epoch, m1.epoch);
+    assert_ne!(r2.epoch, r1.epoch);
+    assert_eq!((m2.offset, r2.offset), (0, 0));
 }

@@ -1,5 +1,8 @@
 //! The seam between nodes: publish an [`Event`] to its rooms, and keep this
-//! node subscribed to exactly the rooms that have local members.
+//! node subscribed to exactly the rooms that have local members. It also
+//! keeps each room's history (SPEC §10): a historical event is appended and
+//! published in one atomic step per room, so its offset means the same live
+//! and in history; [`Broker::position`] and [`Broker::replay`] read it.
 //!
 //! Two implementations pass the same contract tests: [`memory::MemoryBroker`]
 //! (embedded single-node mode) and [`redis::RedisBroker`] (cluster mode, one
@@ -12,7 +15,40 @@ pub mod redis;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::event::Event;
+use crate::event::{Event, StreamPos};
+
+/// One event arriving for one room; `offset` is its place in the room's
+/// history (`None` for volatile events or with history off).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub room: String,
+    pub offset: Option<u64>,
+    pub event: Event,
+}
+
+/// What a room's history holds after a client's position.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Replay {
+    /// Every event after the position, oldest first, each with its offset;
+    /// `pos` is the room's position after the last of them.
+    Recovered {
+        events: Vec<(u64, Event)>,
+        pos: StreamPos,
+    },
+    /// The epoch differs (`epoch_changed`) or events after the position
+    /// left the history (`too_old`); `pos` is where the room stands now.
+    NotRecovered {
+        reason: &'static str,
+        pos: StreamPos,
+    },
+}
+
+/// A fresh epoch: random, so a history that was lost never comes back with
+/// the same name.
+pub(crate) fn new_epoch() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -26,13 +62,14 @@ pub enum BrokerError {
 
 /// Where a broker hands what it receives on this node.
 pub trait Sink: Send + Sync + 'static {
-    /// `event` arrived for `room` (once per room of the event).
-    fn deliver(&self, room: &str, event: &Event);
+    /// `event` arrived for `room` (once per room of the event), at
+    /// `offset` of the room's history when it is historical.
+    fn deliver(&self, room: &str, offset: Option<u64>, event: &Event);
     /// Several deliveries that arrived together, in order. A sink may send
     /// them to a socket in one write; by default they go one by one.
-    fn deliver_batch(&self, batch: &[(String, Event)]) {
-        for (room, event) in batch {
-            self.deliver(room, event);
+    fn deliver_batch(&self, batch: &[Delivery]) {
+        for d in batch {
+            self.deliver(&d.room, d.offset, &d.event);
         }
     }
     /// Whether this node still has a local member in `room`.
@@ -54,6 +91,21 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Connected and subscribed (readiness).
     fn is_healthy(&self) -> bool;
+
+    /// Where `room`'s history stands now (an epoch is made for a room that
+    /// has none yet); `None` when history is off (`HISTORY_SIZE=0`).
+    fn position(
+        &self,
+        room: &str,
+    ) -> impl Future<Output = Result<Option<StreamPos>, BrokerError>> + Send;
+
+    /// The events of `room` after `since`, if the history still has all of
+    /// them; `None` when history is off.
+    fn replay(
+        &self,
+        room: &str,
+        since: &StreamPos,
+    ) -> impl Future<Output = Result<Option<Replay>, BrokerError>> + Send;
 }
 
 /// The broker a node runs with, chosen by `REDIS_URL`.
@@ -79,6 +131,18 @@ impl Broker for AnyBroker {
         match self {
             AnyBroker::Memory(b) => b.is_healthy(),
             AnyBroker::Redis(b) => b.is_healthy(),
+        }
+    }
+    async fn position(&self, room: &str) -> Result<Option<StreamPos>, BrokerError> {
+        match self {
+            AnyBroker::Memory(b) => b.position(room).await,
+            AnyBroker::Redis(b) => b.position(room).await,
+        }
+    }
+    async fn replay(&self, room: &str, since: &StreamPos) -> Result<Option<Replay>, BrokerError> {
+        match self {
+            AnyBroker::Memory(b) => b.replay(room, since).await,
+            AnyBroker::Redis(b) => b.replay(room, since).await,
         }
     }
 }

@@ -98,6 +98,9 @@ struct PublishBody {
     ty: String,
     #[serde(default)]
     data: Value,
+    /// Not kept in room history (SPEC §10): no offset, never replayed.
+    #[serde(default)]
+    volatile: bool,
 }
 
 /// `POST /api/publish {room | rooms, type, data}` → 204 once the broker took it.
@@ -126,15 +129,15 @@ pub async fn publish(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, Api
             "type must be 1 to 128 characters".into(),
         ));
     }
-    app.ctx
-        .publish(Event::new(
-            rooms,
-            EventKind::Custom {
-                ty: body.ty,
-                data: body.data,
-            },
-        ))
-        .await?;
+    let mut event = Event::new(
+        rooms,
+        EventKind::Custom {
+            ty: body.ty,
+            data: body.data,
+        },
+    );
+    event.volatile = body.volatile;
+    app.ctx.publish(event).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 

@@ -27,6 +27,8 @@ use super::frame::{self, DecodeError, Op};
 use super::outbox::{Outbox, close_code};
 use crate::app::App;
 use crate::auth::{AuthError, Identity, Role};
+use crate::broker::{Broker, Replay};
+use crate::event::{Event, Recovery, StreamPos};
 use crate::metrics as m;
 
 /// Frames above `MAX_FRAME_BYTES` but below this are read, refused with an
@@ -44,6 +46,7 @@ pub async fn serve(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     dialect: Dialect,
     auth: Result<Identity, AuthError>,
+    since: Since,
 ) {
     let ws = match upgrade.await {
         Ok(ws) => ws,
@@ -97,7 +100,7 @@ pub async fn serve(
     };
     // Boxed, like every rarely taken branch below: the task's own future
     // stays small, and it is what an idle socket costs.
-    Box::pin(session.start()).await;
+    Box::pin(session.start(since)).await;
     let keep_queue = session.run(early).await;
 
     // Teardown: no more deliveries, leave every room, then say goodbye.
@@ -165,6 +168,25 @@ struct Inbound {
     partial: Option<(bool, Vec<u8>)>,
 }
 
+/// What resuming a socket's rooms came to: positions for the connect
+/// message, recovery outcomes, the events to replay (room, offset, event)
+/// and, per room, the offset live frames must be above.
+#[derive(Default)]
+struct Resumed {
+    positions: Vec<(String, StreamPos)>,
+    recovery: Vec<(String, Recovery)>,
+    replay: Vec<(String, u64, Event)>,
+    floors: Vec<(String, u64)>,
+}
+
+/// The `since` query parameter of an upgrade (SPEC §10).
+pub(crate) enum Since {
+    None,
+    Rooms(Vec<(String, StreamPos)>),
+    /// Malformed or too many rooms: the reason, for the `bad_since` error.
+    Bad(String),
+}
+
 struct Session {
     app: Arc<App>,
     identity: Identity,
@@ -186,8 +208,15 @@ impl Session {
 
     /// Joins the identity's rooms (live cluster-wide before the connect
     /// message goes out, so a client that saw `connected` misses nothing),
-    /// then sends the dialect's connect messages.
-    async fn start(&mut self) {
+    /// reads each room's position (or, for the rooms in `since`, what the
+    /// client missed), then sends the dialect's connect messages and the
+    /// replay. Live events wait meanwhile (`Outbox::hold`), so they follow
+    /// the replay with no gap and no duplicate.
+    async fn start(&mut self, since: Since) {
+        let history = self.app.config.history.enabled();
+        if history {
+            self.outbox.hold();
+        }
         // All rooms at once: with Redis down, a connect waits one join
         // timeout, not one per room.
         let rooms = self.identity.auto_rooms();
@@ -203,21 +232,124 @@ impl Session {
             }
             self.rooms.push(room);
         }
+        let (asked, bad_since) = match since {
+            Since::None => (Vec::new(), None),
+            Since::Rooms(r) => (r, None),
+            Since::Bad(why) => (Vec::new(), Some(why)),
+        };
+        let mut resumed = Resumed::default();
+        if history {
+            for room in self.rooms.clone() {
+                let since = asked.iter().find(|(r, _)| *r == room).map(|(_, p)| p);
+                self.resume(&room, since, &mut resumed).await;
+            }
+        }
         self.reply(&Reply::Connected {
             user_id: self.identity.user_id,
             role: self.identity.role.as_str(),
             driver_id: self.identity.driver_id,
+            rooms: &resumed.positions,
+            recovery: &resumed.recovery,
         });
+        if let Some(why) = bad_since {
+            metrics::counter!(m::RECOVERIES, "outcome" => "bad_since").increment(1);
+            self.error("bad_since", &why);
+        }
         if self.dialect == Dialect::Driver {
             match self.app.initial_orders(&self.identity).await {
                 Ok(orders) => self.reply(&Reply::InitialOrders(&orders)),
                 Err(e) => self.error(e.code(), &e.to_string()),
             }
         }
+        self.send_replay(&resumed.replay);
+        if history {
+            self.outbox.release(resumed.floors);
+        }
     }
 
-    async fn join(&mut self, room: String, ack: bool) {
-        if !self.rooms.contains(&room) {
+    /// Where `room` stands for this socket: its position, or with `since`
+    /// the events after it (all or nothing).
+    async fn resume(&self, room: &str, since: Option<&StreamPos>, into: &mut Resumed) {
+        let broker = &self.app.ctx.broker;
+        let (pos, recovery, events) = match since {
+            None => match broker.position(room).await {
+                Ok(Some(pos)) => (pos, None, Vec::new()),
+                Ok(None) => return,
+                Err(e) => {
+                    self.error(
+                        "broker_unavailable",
+                        &format!("no position for room {room}: {e}"),
+                    );
+                    return;
+                }
+            },
+            Some(since) => match broker.replay(room, since).await {
+                Ok(Some(Replay::Recovered { events, pos })) => {
+                    let missed = events.len() as u64;
+                    (pos, Some(Recovery::Recovered { missed }), events)
+                }
+                Ok(Some(Replay::NotRecovered { reason, pos })) => {
+                    (pos, Some(Recovery::NotRecovered { reason }), Vec::new())
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.error(
+                        "broker_unavailable",
+                        &format!("room {room} cannot be recovered now: {e}"),
+                    );
+                    let rec = Recovery::NotRecovered {
+                        reason: "unavailable",
+                    };
+                    into.recovery.push((room.to_string(), rec));
+                    return;
+                }
+            },
+        };
+        if let Some(rec) = recovery {
+            let outcome = match &rec {
+                Recovery::Recovered { .. } => "recovered",
+                Recovery::NotRecovered { reason } => reason,
+            };
+            metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
+            into.recovery.push((room.to_string(), rec));
+        }
+        into.floors.push((room.to_string(), pos.offset));
+        into.positions.push((room.to_string(), pos));
+        into.replay
+            .extend(events.into_iter().map(|(o, e)| (room.to_string(), o, e)));
+    }
+
+    /// Sends replayed events, each once across the socket's rooms: an event
+    /// also addressed to an earlier room of its list that the socket is in
+    /// comes through that room (the live rule, SPEC §3).
+    fn send_replay(&self, replay: &[(String, u64, Event)]) {
+        let mut sent = 0u64;
+        for (room, offset, event) in replay {
+            let idx = event.room_index(room).unwrap_or(0);
+            if event.rooms[..idx].iter().any(|r| self.rooms.contains(r)) {
+                continue;
+            }
+            let personal = crate::event::room::is_personal(room);
+            if let Some(bytes) = self
+                .dialect
+                .render_at(event, personal, Some((room, *offset)))
+            {
+                self.outbox.push(frame::text(bytes));
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            metrics::counter!(m::REPLAYED).increment(sent);
+        }
+    }
+
+    async fn join(&mut self, room: String, since: Option<StreamPos>, bad_since: bool) {
+        let history = self.app.config.history.enabled();
+        let member = self.rooms.contains(&room);
+        if !member {
+            if history {
+                self.outbox.hold();
+            }
             self.rooms.push(room.clone());
             if let Err(e) = self.app.join(&self.outbox, &room).await {
                 // The membership stays: the room is re-subscribed when the
@@ -226,11 +358,31 @@ impl Session {
                     "broker_unavailable",
                     &format!("room {room} is not live yet: {e}"),
                 );
+                self.outbox.release(Vec::new());
                 return;
             }
         }
-        if ack {
-            self.reply(&Reply::RoomJoined(&room));
+        let mut resumed = Resumed::default();
+        if history {
+            // A room the socket is already in goes on live: nothing to replay.
+            let since = since.as_ref().filter(|_| !member);
+            self.resume(&room, since, &mut resumed).await;
+        }
+        if bad_since {
+            metrics::counter!(m::RECOVERIES, "outcome" => "bad_since").increment(1);
+            self.error(
+                "bad_since",
+                "since must be {\"epoch\": string, \"offset\": integer}",
+            );
+        }
+        self.reply(&Reply::RoomJoined {
+            room: &room,
+            pos: resumed.positions.first().map(|(_, p)| p),
+            recovery: resumed.recovery.first().map(|(_, r)| r),
+        });
+        self.send_replay(&resumed.replay);
+        if history && !member {
+            self.outbox.release(resumed.floors);
         }
     }
 
@@ -406,7 +558,7 @@ impl Session {
         };
         let kind = match &parsed {
             Ok(Command::Ping) => "ping",
-            Ok(Command::JoinRoom(_)) => "join-room",
+            Ok(Command::JoinRoom { .. }) => "join-room",
             Ok(Command::LeaveRoom(_)) => "leave-room",
             Ok(Command::Location(_)) => "location",
             Err(_) => "invalid",
@@ -416,9 +568,13 @@ impl Session {
         match parsed {
             Err(e) => self.error(e.code(), &e.to_string()),
             Ok(Command::Ping) => self.reply(&Reply::Pong),
-            Ok(Command::JoinRoom(room)) => {
+            Ok(Command::JoinRoom {
+                room,
+                since,
+                bad_since,
+            }) => {
                 if self.identity.may_join(&room) {
-                    self.join(room, true).await;
+                    self.join(room, since, bad_since).await;
                 } else {
                     self.error(
                         "join_refused",

@@ -59,6 +59,44 @@ pub(crate) fn bearer<B>(req: &Request<B>) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
+/// Rooms a `since` may name at most.
+const MAX_SINCE_ROOMS: usize = 64;
+
+/// The `since` query parameter: base64url (no padding) of
+/// `{"<room>": {"epoch": "…", "offset": N}, …}`.
+fn since_of<B>(req: &Request<B>) -> conn::Since {
+    let Some(raw) = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "since")
+            .map(|(_, v)| v.into_owned())
+    }) else {
+        return conn::Since::None;
+    };
+    parse_since(&raw)
+}
+
+fn parse_since(raw: &str) -> conn::Since {
+    use base64::Engine;
+    let bad = |why: &str| conn::Since::Bad(format!("since: {why}"));
+    if raw.is_empty() {
+        return conn::Since::None;
+    }
+    let Ok(json) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw.trim_end_matches('='))
+    else {
+        return bad("not base64url");
+    };
+    let Ok(map) = serde_json::from_slice::<
+        std::collections::BTreeMap<String, crate::event::StreamPos>,
+    >(&json) else {
+        return bad(r#"not a JSON object of {"epoch": string, "offset": integer}"#);
+    };
+    if map.len() > MAX_SINCE_ROOMS {
+        return bad(&format!("names more than {MAX_SINCE_ROOMS} rooms"));
+    }
+    conn::Since::Rooms(map.into_iter().collect())
+}
+
 /// Answers the upgrade and spawns the socket's task. The token is checked
 /// here, but a refusal is told over the socket (error message, then close
 /// 4001/4003), as the seeds' clients expect. A request that is not a valid
@@ -71,9 +109,10 @@ pub(crate) fn upgrade(
 ) -> Result<Response<Full<Bytes>>, fastwebsockets::WebSocketError> {
     let token = token_of(&req, path_token);
     let auth = app.verifier.verify(token.as_deref());
+    let since = since_of(&req);
     let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
     let tracker = app.tracker.clone();
-    tracker.spawn(conn::serve(app, fut, dialect, auth));
+    tracker.spawn(conn::serve(app, fut, dialect, auth, since));
     Ok(resp.map(|_| Full::new(Bytes::new())))
 }
 

@@ -88,6 +88,21 @@ struct Out {
     partial: bool,
     /// The close frame is queued: nothing more is accepted.
     sealed: bool,
+    /// While the socket is being set up (its rooms joined, positions read,
+    /// history replayed), live event frames wait here, see [`Outbox::hold`].
+    held: Option<Vec<Held>>,
+    /// Per room, the offset up to which the socket already has everything
+    /// (replayed, or before the position it was told). A live frame at or
+    /// below it is one the socket must not get again; the first one above
+    /// it retires the floor (a room's frames arrive in offset order).
+    floors: Vec<(Box<str>, u64)>,
+}
+
+/// A live event frame held during set-up.
+struct Held {
+    room: Box<str>,
+    offset: Option<u64>,
+    frame: Bytes,
 }
 
 pub(crate) enum Queued {
@@ -144,17 +159,118 @@ impl Outbox {
     /// it must not hold up anyone else.
     pub(crate) fn queue(&self, frame: Bytes) -> Queued {
         let mut out = self.lock();
+        let q = self.enqueue(&mut out, frame);
+        drop(out);
+        self.settle(q)
+    }
+
+    /// Appends under the lock; `None` = over the limit (the caller closes
+    /// the socket once the lock is released).
+    fn enqueue(&self, out: &mut Out, frame: Bytes) -> Option<Queued> {
         if out.sealed || self.closer.token().is_cancelled() {
-            return Queued::Refused;
+            return Some(Queued::Refused);
         }
         if out.queue.len() >= self.cap {
-            drop(out);
-            self.slow_consumer();
-            return Queued::Refused;
+            return None;
         }
         let first = out.queue.is_empty();
         out.queue.push_back(frame);
-        if first { Queued::First } else { Queued::Behind }
+        Some(if first { Queued::First } else { Queued::Behind })
+    }
+
+    /// After the lock: an overflow closes the socket as a slow consumer.
+    fn settle(&self, q: Option<Queued>) -> Queued {
+        q.unwrap_or_else(|| {
+            self.slow_consumer();
+            Queued::Refused
+        })
+    }
+
+    /// The live-frame rules of [`Outbox::queue_event`], under the lock.
+    fn enqueue_event(
+        &self,
+        out: &mut Out,
+        frame: Bytes,
+        room: &str,
+        offset: Option<u64>,
+    ) -> Option<Queued> {
+        if let Some(held) = &mut out.held {
+            if held.len() >= self.cap {
+                return None;
+            }
+            held.push(Held {
+                room: room.into(),
+                offset,
+                frame,
+            });
+            // Nothing to flush: `release` does.
+            return Some(Queued::Behind);
+        }
+        if let Some(off) = offset
+            && let Some(i) = out.floors.iter().position(|(r, _)| **r == *room)
+        {
+            if off <= out.floors[i].1 {
+                return Some(Queued::Refused);
+            }
+            out.floors.swap_remove(i);
+        }
+        self.enqueue(out, frame)
+    }
+
+    /// Queues a live event frame of `room` (at `offset` of its history):
+    /// held while the socket is being set up, dropped when the socket
+    /// already has it (see `floors`), else as [`Outbox::queue`].
+    pub(crate) fn queue_event(&self, frame: Bytes, room: &str, offset: Option<u64>) -> Queued {
+        let mut out = self.lock();
+        let q = self.enqueue_event(&mut out, frame, room, offset);
+        drop(out);
+        self.settle(q)
+    }
+
+    /// From now on live event frames wait until [`Outbox::release`];
+    /// replies (connect message, replayed frames) still go out at once.
+    pub(crate) fn hold(&self) {
+        let mut out = self.lock();
+        if out.held.is_none() {
+            out.held = Some(Vec::new());
+        }
+    }
+
+    /// Ends a [`Outbox::hold`]: `floors` says, per room, the last offset the
+    /// socket has; held frames above it (or without one) go out in arrival
+    /// order, the rest are dropped, and later stragglers at or below it are
+    /// dropped too.
+    pub(crate) fn release(&self, floors: Vec<(String, u64)>) {
+        let mut out = self.lock();
+        for (room, off) in floors {
+            match out.floors.iter_mut().find(|(r, _)| **r == *room) {
+                Some(f) => f.1 = f.1.max(off),
+                None => out.floors.push((room.into(), off)),
+            }
+        }
+        let Some(held) = out.held.take() else {
+            return;
+        };
+        // Under the lock, so a live frame arriving meanwhile queues behind
+        // the held ones, not before them.
+        let mut first = false;
+        let mut overflow = false;
+        for h in held {
+            match self.enqueue_event(&mut out, h.frame, &h.room, h.offset) {
+                Some(Queued::First) => first = true,
+                Some(_) => {}
+                None => {
+                    overflow = true;
+                    break;
+                }
+            }
+        }
+        drop(out);
+        if overflow {
+            self.slow_consumer();
+        } else if first {
+            self.flush_batch();
+        }
     }
 
     /// Writes what is queued; a rest the kernel did not take is left to the

@@ -14,7 +14,7 @@ mod rooms;
 
 use serde_json::{Map, Value, json};
 
-use crate::event::{Event, Position};
+use crate::event::{Event, Position, Recovery, StreamPos};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dialect {
@@ -29,7 +29,14 @@ pub const ALL: [Dialect; 3] = [Dialect::Rooms, Dialect::Events, Dialect::Driver]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Ping,
-    JoinRoom(String),
+    /// `since`: the position a resuming client has seen (rooms dialect,
+    /// SPEC §10); `bad_since`: one was given but is malformed (the join
+    /// goes on without recovery, with a `bad_since` error).
+    JoinRoom {
+        room: String,
+        since: Option<StreamPos>,
+        bad_since: bool,
+    },
     LeaveRoom(String),
     Location(Position),
 }
@@ -71,14 +78,25 @@ impl ProtoError {
 pub enum Reply<'a> {
     Pong,
     /// Seed 002 `connected`; seed 000 `CONNECTED`; driver `connection_established`.
+    /// `rooms`: the position of every room the socket was put in (empty
+    /// when history is off); `recovery`: the outcome per room the client
+    /// asked to resume (`since`), empty when it asked nothing.
     Connected {
         user_id: i64,
         role: &'a str,
         driver_id: i64,
+        rooms: &'a [(String, StreamPos)],
+        recovery: &'a [(String, Recovery)],
     },
     /// Driver `initial_orders` (other dialects send nothing).
     InitialOrders(&'a [Value]),
-    RoomJoined(&'a str),
+    /// The room's position (history on) and, when the join carried
+    /// `since`, what the resume came to.
+    RoomJoined {
+        room: &'a str,
+        pos: Option<&'a StreamPos>,
+        recovery: Option<&'a Recovery>,
+    },
     RoomLeft(&'a str),
     Error {
         code: &'a str,
@@ -124,7 +142,21 @@ impl Dialect {
         let norm = ty.to_ascii_lowercase().replace('_', "-");
         match norm.as_str() {
             "ping" => Ok(Command::Ping),
-            "join-room" => Ok(Command::JoinRoom(room_id(body)?)),
+            "join-room" => {
+                let room = room_id(body)?;
+                let (since, bad_since) = match body.get("since") {
+                    None | Some(Value::Null) => (None, false),
+                    Some(v) => match serde_json::from_value::<StreamPos>(v.clone()) {
+                        Ok(p) if p.epoch.len() <= 64 => (Some(p), false),
+                        _ => (None, true),
+                    },
+                };
+                Ok(Command::JoinRoom {
+                    room,
+                    since,
+                    bad_since,
+                })
+            }
             "leave-room" => Ok(Command::LeaveRoom(room_id(body)?)),
             "location" => Ok(Command::Location(location(body)?)),
             _ => Err(ProtoError::UnknownType(ty.chars().take(64).collect())),
@@ -134,18 +166,48 @@ impl Dialect {
     /// Renders an event for a socket that receives it through a personal
     /// (`user-…`) room or not; `None` when this dialect does not carry it.
     pub fn render(self, event: &Event, personal: bool) -> Option<Vec<u8>> {
-        let v = match self {
+        self.render_at(event, personal, None)
+    }
+
+    /// [`Dialect::render`] for a historical event: the frame also carries
+    /// top-level `"room"` and `"offset"` (SPEC §10), which seed clients
+    /// ignore.
+    pub fn render_at(
+        self,
+        event: &Event,
+        personal: bool,
+        at: Option<(&str, u64)>,
+    ) -> Option<Vec<u8>> {
+        let mut v = match self {
             Dialect::Rooms => rooms::render(&event.kind, personal),
             Dialect::Events => events::render(&event.kind),
             Dialect::Driver => driver::render(&event.kind),
         }?;
+        if let (Some((room, offset)), Value::Object(m)) = (at, &mut v) {
+            m.insert("room".into(), Value::String(room.to_string()));
+            m.insert("offset".into(), Value::from(offset));
+        }
         Some(serde_json::to_vec(&v).expect("a Value always serializes"))
     }
 
     pub fn reply(self, reply: &Reply<'_>) -> Vec<u8> {
         let v = match reply {
             Reply::Pong => json!({"type": "pong"}),
-            Reply::RoomJoined(room) => self.wrap("room-joined", json!({"roomId": room})),
+            Reply::RoomJoined {
+                room,
+                pos,
+                recovery,
+            } => {
+                let mut body = json!({"roomId": room});
+                if let Some(p) = pos {
+                    body["epoch"] = json!(p.epoch);
+                    body["offset"] = json!(p.offset);
+                }
+                if let Some(r) = recovery {
+                    body["recovery"] = recovery_json(r);
+                }
+                self.wrap("room-joined", body)
+            }
             Reply::RoomLeft(room) => self.wrap("room-left", json!({"roomId": room})),
             Reply::Error { code, message } => self.wrap(
                 match self {
@@ -158,19 +220,45 @@ impl Dialect {
                 user_id,
                 role,
                 driver_id,
-            } => match self {
-                Dialect::Rooms => {
-                    json!({"type": "connected", "data": {"userId": user_id, "role": role}})
+                rooms,
+                recovery,
+            } => {
+                let mut v = match self {
+                    Dialect::Rooms => {
+                        json!({"type": "connected", "data": {"userId": user_id, "role": role}})
+                    }
+                    Dialect::Events => {
+                        json!({"type": "CONNECTED", "payload": {"userId": user_id, "role": role}})
+                    }
+                    Dialect::Driver => json!({
+                        "type": "connection_established",
+                        "message": "Connected to driver orders",
+                        "driver_id": driver_id,
+                    }),
+                };
+                // Positions go beside the seed's fields: in `data`, in
+                // `payload`, or top-level for the driver dialect.
+                let body = match self {
+                    Dialect::Rooms => &mut v["data"],
+                    Dialect::Events => &mut v["payload"],
+                    Dialect::Driver => &mut v,
+                };
+                if !rooms.is_empty() {
+                    body["rooms"] = rooms
+                        .iter()
+                        .map(|(r, p)| (r.clone(), json!({"epoch": p.epoch, "offset": p.offset})))
+                        .collect::<Map<String, Value>>()
+                        .into();
                 }
-                Dialect::Events => {
-                    json!({"type": "CONNECTED", "payload": {"userId": user_id, "role": role}})
+                if !recovery.is_empty() {
+                    body["recovery"] = recovery
+                        .iter()
+                        .map(|(r, rec)| (r.clone(), recovery_json(rec)))
+                        .collect::<Map<String, Value>>()
+                        .into();
                 }
-                Dialect::Driver => json!({
-                    "type": "connection_established",
-                    "message": "Connected to driver orders",
-                    "driver_id": driver_id,
-                }),
-            },
+                v
+            }
             Reply::InitialOrders(orders) => json!({
                 "type": "initial_orders",
                 "orders": orders,
@@ -187,6 +275,13 @@ impl Dialect {
             Dialect::Events => json!({"type": ty, "payload": body}),
             Dialect::Driver => flatten(ty, body),
         }
+    }
+}
+
+fn recovery_json(r: &Recovery) -> Value {
+    match r {
+        Recovery::Recovered { missed } => json!({"recovered": true, "missed": missed}),
+        Recovery::NotRecovered { reason } => json!({"recovered": false, "reason": reason}),
     }
 }
 
@@ -249,7 +344,11 @@ mod tests {
         );
         assert_eq!(
             Dialect::Rooms.parse(br#"{"type":"join-room","data":{"roomId":"admin-orders"}}"#),
-            Ok(Command::JoinRoom("admin-orders".into()))
+            Ok(Command::JoinRoom {
+                room: "admin-orders".into(),
+                since: None,
+                bad_since: false
+            })
         );
         assert_eq!(
             Dialect::Events.parse(br#"{"type":"LEAVE_ROOM","payload":{"roomId":"x"}}"#),
