@@ -110,13 +110,35 @@ async fn survives_a_node_restart() {
     again.listen = addr;
     let node2 = TestNode::start(again).await;
     next_matching(&mut c, is_type("connected")).await;
+    // An embedded node keeps history in memory: the restarted one has a new
+    // epoch, so the client cannot resume and says so.
+    assert_eq!(
+        next_matching(
+            &mut c,
+            |e| matches!(e, ClientEvent::Resync { room, .. } if room == "admin-orders")
+        )
+        .await,
+        ClientEvent::Resync {
+            room: "admin-orders".into(),
+            reason: "epoch_changed".into()
+        }
+    );
     node2
         .publish("admin-orders", "after", json!({"ok": 1}))
         .await;
-    let got = next_matching(&mut c, is_type("after")).await;
+    let ClientEvent::Message(got) = next_matching(&mut c, is_type("after")).await else {
+        unreachable!()
+    };
+    assert_eq!(got["data"], json!({"ok": 1}));
+    assert_eq!(got["room"], "admin-orders");
     assert_eq!(
-        got,
-        ClientEvent::Message(json!({"type": "after", "data": {"ok": 1}}))
+        c.positions
+            .lock()
+            .unwrap()
+            .get("admin-orders")
+            .unwrap()
+            .offset,
+        got["offset"].as_u64().unwrap()
     );
 }
 
