@@ -371,8 +371,16 @@ async fn resume_on_the_other_node<F: std::future::Future<Output = ()> + Send + '
         publish_ticks(b, r, 4, 8).await;
     }
     stopping.await.unwrap();
-    for ((_, _, c), log) in clients.iter_mut().zip(&mut logs) {
-        log.extend(until_event(c, |e| matches!(e, ClientEvent::Connected)).await);
+    // Resumed: the verdict for the client's room (the connect message, or
+    // `room-joined` for the room joined by hand) has come.
+    for ((_, room, c), log) in clients.iter_mut().zip(&mut logs) {
+        log.extend(
+            until_event(
+                c,
+                |e| matches!(e, ClientEvent::Recovered { room: r, .. } if r == room),
+            )
+            .await,
+        );
     }
     for r in &rooms {
         publish_ticks(b, r, 9, 10).await;

@@ -65,14 +65,16 @@ for (const how of ['drain', 'kill']) {
     for (const log of Object.values(logs)) await until(() => log.ticks.length === 3);
 
     lb.target = b.port; // new connections land on B
-    const reconnected = Object.values(clients).map((c) => next(c, 'open', 20000));
+    // Resumed: the verdict for the client's room (the connect message, or
+    // `room-joined` for the room joined by hand) has come.
+    const resumed = Object.entries(clients).map(([k, c]) => next(c, 'recovered', 20000, (r) => r === room[k]));
     const closed = Object.values(clients).map((c) => next(c, 'close', 20000));
     // SIGTERM: 1012 after the drain delay; SIGKILL: the connections just drop.
     const stopped = how === 'drain' ? a.stop() : a.kill();
     await Promise.all(closed);
     await publishAll(b, 4, 8); // while every client is between nodes
     await stopped;
-    await Promise.all(reconnected);
+    await Promise.all(resumed);
     await publishAll(b, 9, 10); // live again
     for (const log of Object.values(logs)) await until(() => log.ticks.length >= 10);
     await new Promise((r) => setTimeout(r, 200)); // nothing more may come
