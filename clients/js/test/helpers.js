@@ -78,19 +78,25 @@ export class Redis {
     }
   }
 
-  ping() {
-    return new Promise((res) => {
+  async ping() {
+    return (await this.command('PING').catch(() => '')) === '+PONG';
+  }
+
+  /** One inline command (e.g. `FLUSHALL`); its first reply line. */
+  command(line) {
+    return new Promise((res, rej) => {
       const s = tcpConnect(this.port, '127.0.0.1');
       let got = '';
-      s.on('connect', () => s.write('PING\r\n'));
+      s.on('connect', () => s.write(`${line}\r\n`));
       s.on('data', (d) => {
         got += d;
-        if (got.includes('\r\n')) {
+        const end = got.indexOf('\r\n');
+        if (end >= 0) {
           s.destroy();
-          res(got.startsWith('+PONG'));
+          res(got.slice(0, end));
         }
       });
-      s.on('error', () => res(false));
+      s.on('error', rej);
     });
   }
 
@@ -106,14 +112,20 @@ export class Redis {
 /**
  * A TCP balancer on a free port: each new connection goes to `target`
  * (a port), which the test moves from node to node; connections already
- * made stay where they are.
+ * made stay where they are. While `closed`, new connections are refused
+ * (reset at once), as by a balancer with no backend.
  */
 export class Balancer {
   constructor(target) {
     this.target = target;
+    this.closed = false;
     this.connections = 0;
     this.sockets = new Set();
     this.server = createServer((down) => {
+      if (this.closed) {
+        down.destroy();
+        return;
+      }
       this.connections += 1;
       const up = tcpConnect(this.target, '127.0.0.1');
       this.sockets.add(down).add(up);
