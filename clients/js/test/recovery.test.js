@@ -144,3 +144,38 @@ test('a resume with a wrong epoch resyncs that room, and the orders cache refetc
   await until(() => c.orders.get(third.body.id));
   assert.notEqual(c.positions()['admin-orders'].epoch, 'not-the-epoch');
 });
+
+test('a since the server refuses (bad_since): the rooms it named resync, and the client goes on live', async (t) => {
+  const node = await Node.start(t);
+  // This client never sends a malformed `since`: mangle it on the way out.
+  class Mangling extends WebSocket {
+    constructor(url) {
+      super(url.replace(/since=[^&]*/, 'since=%21%21'));
+    }
+  }
+  const loads = [];
+  const c = new SwitchboardClient(node.ws('/ws'), {
+    token: admin(), WebSocket: Mangling, pingIntervalMs: 0,
+    since: { 'admin-orders': { epoch: 'e', offset: 1 }, 'user-1': { epoch: 'e', offset: 1 } },
+    loadOrders: async (rooms) => (loads.push(rooms), []),
+  });
+  const log = record(c);
+  const errors = [];
+  c.on('ERROR', (m) => errors.push(m.payload.code));
+  t.after(() => c.close());
+  const connected = next(c, 'CONNECTED');
+  c.connect();
+  const hello = await connected;
+  await until(() => errors.length === 1);
+  assert.deepEqual(errors, ['bad_since']);
+  // The connect message (sent before the error) has no verdict for the rooms asked about.
+  assert.equal(hello.payload.recovery, undefined);
+  assert.deepEqual(log.resync.map(([r]) => r).sort(), ['admin-orders', 'user-1']);
+  await until(() => loads.length === 1);
+  assert.deepEqual(loads[0].sort(), ['admin-orders', 'user-1'], 'one refetch for both');
+  // The positions are the server's now, and live events flow.
+  assert.deepEqual(c.positions()['admin-orders'], hello.payload.rooms['admin-orders']);
+  const tick = next(c, 'tick');
+  await node.publish('admin-orders', 'tick', { n: 1 });
+  assert.equal((await tick).offset, hello.payload.rooms['admin-orders'].offset + 1);
+});
