@@ -294,6 +294,8 @@ async fn run(config: ClientConfig, shared: Shared, mut outgoing: mpsc::Unbounded
     let base = format!("{}{sep}token={}", config.path, config.token);
     // Rooms joined by hand: joined again on every connection.
     let mut manual = BTreeSet::new();
+    // Messages queued while there was no socket: sent on the next one.
+    let mut queued: Vec<String> = Vec::new();
     let mut attempt = 0u32;
     loop {
         // Resume: what this client has seen, for the rooms the server puts it in.
@@ -315,6 +317,9 @@ async fn run(config: ClientConfig, shared: Shared, mut outgoing: mpsc::Unbounded
                         .send_text(&join(&shared.positions, room))
                         .await
                         .is_err();
+                }
+                for text in std::mem::take(&mut queued) {
+                    broken |= sock.send_text(&text).await.is_err();
                 }
                 let code = loop {
                     if broken {
@@ -387,7 +392,7 @@ async fn run(config: ClientConfig, shared: Shared, mut outgoing: mpsc::Unbounded
                         manual.remove(&room);
                         lock(&shared.positions).forget(&room);
                     }
-                    Some(Out::Text(_)) => {} // no socket to send it on
+                    Some(Out::Text(text)) => queued.push(text),
                     None => return,
                 },
             }
