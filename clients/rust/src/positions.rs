@@ -11,9 +11,11 @@
 //! in before is then *pending* until the server says what became of it (the
 //! connect message, or `room-joined` for a room joined by hand). A pending
 //! room that is not reported `recovered: true` is to be resynced: the server
-//! could not replay it (`epoch_changed`, `too_old`), or said nothing for a
-//! room it was asked about (`not_recovered`), or the client had no position
-//! to ask with (`no_position`), or the server refused the whole `since`
+//! could not replay it (`epoch_changed`, `too_old`, `unavailable`), or said
+//! nothing for a room it was asked about (`not_recovered`; also what a
+//! refused `since` looks like, as the server's `bad_since` error follows
+//! its connect message), or the client had no position to ask with
+//! (`no_position`), or a `bad_since` error came before any verdict
 //! (`bad_since`).
 
 use std::collections::{BTreeMap, BTreeSet};

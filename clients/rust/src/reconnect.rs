@@ -87,9 +87,10 @@ pub enum ClientEvent {
         missed: u64,
     },
     /// `room`'s missed events cannot be replayed (`reason`: the server's
-    /// `epoch_changed` / `too_old`, or `not_recovered`, `no_position`,
-    /// `bad_since`): refetch what it carries. The orders cache does so by
-    /// itself when `reload_orders` is on.
+    /// `epoch_changed` / `too_old` / `unavailable`, or `not_recovered`,
+    /// `no_position`, `bad_since`: see [`crate::positions`]): refetch what
+    /// it carries. The orders cache does so by itself when `reload_orders`
+    /// is on.
     Resync {
         room: String,
         reason: String,
