@@ -113,9 +113,11 @@ export function isBadSince(msg) {
  * says what became of it (the connect message, or `room-joined` for a room
  * joined by hand). A pending room that is not reported `recovered: true` is
  * to be resynced: the server said it could not (`epoch_changed`,
- * `too_old`), or said nothing for a room it was asked about
- * (`not_recovered`), or the client had no position to ask with
- * (`no_position`), or the server refused the whole `since` (`bad_since`).
+ * `too_old`, `unavailable`), or said nothing for a room it was asked about
+ * (`not_recovered`; also what a refused `since` looks like, as the server's
+ * `bad_since` error follows its connect message), or the client had no
+ * position to ask with (`no_position`), or a `bad_since` error came before
+ * any verdict (`bad_since`).
  * The methods return `{recovered: [[room, missed]], resync: [[room, reason]]}`.
  */
 export class PositionTracker {
