@@ -1,6 +1,9 @@
 // The live operations page: orders table, driver map, counters. Everything
 // live comes over one events-dialect socket (ORDER_*, DRIVER_LOCATION); the
-// only API calls are the initial order list and /api/stats for counters.
+// only API calls are the order list (at sign-in, and again whenever a room
+// could not be recovered after a reconnect: `resync`) and /api/stats for
+// counters. A reconnect (e.g. after a node's drain) resumes where the socket
+// left off, so the table never stays stale.
 
 import { SwitchboardClient } from '/dashboard/switchboard.js';
 
@@ -155,16 +158,23 @@ async function signIn(t) {
   try {
     const list = await api('/api/orders?limit=200');
     client?.close();
-    client = new SwitchboardClient(`${wsBase}/ws`, { token });
+    // On resync the cache reloads the same view the table started from.
+    const loadOrders = async () => (await api('/api/orders?limit=200')).items;
+    client = new SwitchboardClient(`${wsBase}/ws`, { token, loadOrders });
     for (const o of list.items) client.orders.byId.set(o.id, o);
     client.orders.subscribe((kind, id, order) => {
       if (kind === 'removed') {
         document.querySelector(`#orders tr[data-id="${id}"]`)?.remove();
         countOrders();
-      } else if (order && kind !== 'refetch') {
+      } else if ((kind === 'added' || kind === 'updated') && order) {
         renderRow(order);
+      } else if (kind === 'reloaded') {
+        const n = Number(document.body.dataset.reloads ?? 0) + 1;
+        document.body.dataset.reloads = n; // tests read it
+        setStatus('live (reloaded)', 'on');
       }
     });
+    client.on('resync', () => setStatus('reloading…', 'retry'));
     client.on('DRIVER_LOCATION', (msg) => {
       const p = client.drivers.get(msg.payload.driverId);
       if (fit(p)) placeAll(); else place(msg.payload.driverId, p);

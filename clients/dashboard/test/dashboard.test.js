@@ -1,6 +1,7 @@
 // The dashboard in headless Chromium against a real node: an order created
 // over HTTP appears in the table, a driver location moves its marker, a
-// deleted order disappears. Saves a screenshot.
+// deleted order disappears. Saves a screenshot. Behind a balancer over two
+// nodes, a drained node never leaves the table stale.
 
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
@@ -9,7 +10,7 @@ import { test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
-import { Node, admin, mint } from '../../js/test/helpers.js';
+import { Balancer, Node, admin, mint } from '../../js/test/helpers.js';
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 const SHOTS = process.env.SCREENSHOT_DIR ?? join(process.env.CARGO_TARGET_DIR ?? '/tmp', 'dashboard-screenshots');
@@ -83,4 +84,61 @@ test('a bad token is refused on the sign-in form', async (t) => {
   await page.click('#go');
   await page.waitForSelector('#signin-error:not([hidden])');
   assert.match(await page.textContent('#signin-error'), /401/);
+});
+
+test('a drained node never leaves the table stale: resumed, or reloaded over HTTP', async (t) => {
+  const { redis, nodes: [a, b] } = await Node.cluster(t, 2);
+  // The page, its socket and its API calls all go through the balancer.
+  const lb = await Balancer.start(t, a.port);
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking'] });
+  t.after(() => browser.close());
+  const page = await browser.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(`http://127.0.0.1:${lb.port}/dashboard`);
+  await page.fill('#token', admin());
+  await page.click('#go');
+  await page.waitForSelector('#status.on');
+  const row = (id) => `#orders tr[data-id="${id}"]`;
+  const create = async (node, total) => {
+    const r = await node.call('POST', '/api/orders', admin(), { city_id: 1, user_id: 5, total });
+    assert.equal(r.status, 201);
+    return r.body.id;
+  };
+  const o1 = await create(a, 100);
+  await page.waitForSelector(row(o1));
+
+  // A drains; while the page has no node, an order is created and o1 moves on.
+  lb.closed = true;
+  lb.target = b.port;
+  const drained = a.stop();
+  await page.waitForSelector('#status.retry');
+  const o2 = await create(b, 200);
+  assert.equal((await b.call('PATCH', `/api/orders/${o1}`, admin(), { status: 'confirmed' })).status, 200);
+  await drained;
+  lb.closed = false;
+  // Resumed on B: both come as replayed events, no reload.
+  await page.waitForSelector(row(o2), { timeout: 20000 });
+  await page.waitForSelector(`${row(o1)}[data-status="confirmed"]`);
+  await page.waitForSelector('#status.on');
+  assert.equal(await page.getAttribute('body', 'data-reloads'), null, 'recovered: no HTTP reload');
+
+  // B drains too, and Redis loses the history meanwhile (a flush): the
+  // resume on A (back on its port) cannot be honoured, so the page reloads.
+  await a.spawn();
+  lb.closed = true;
+  lb.target = a.port;
+  const drainedB = b.stop();
+  await page.waitForSelector('#status.retry');
+  const o3 = await create(a, 300);
+  assert.equal((await a.call('DELETE', `/api/orders/${o2}`, admin())).status, 204);
+  assert.equal(await redis.command('FLUSHALL'), '+OK');
+  await drainedB;
+  lb.closed = false;
+  await page.waitForSelector('body[data-reloads="1"]', { timeout: 20000 });
+  await page.waitForSelector(row(o3));
+  await page.waitForSelector(row(o2), { state: 'detached' });
+  assert.equal(await page.getAttribute(row(o1), 'data-status'), 'confirmed');
+  await page.waitForSelector('#status.on');
+  assert.deepEqual(errors, []);
 });

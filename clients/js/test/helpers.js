@@ -1,10 +1,11 @@
-// Test helpers: start the real switchboard binary on a free port, mint
-// tokens, HTTP calls. Every process started is killed when the test ends.
+// Test helpers: start the real switchboard binary on a free port (alone, or
+// as a Redis-backed cluster behind a TCP balancer), mint tokens, HTTP calls.
+// Every process started is killed when the test ends.
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdtempSync, existsSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { connect as tcpConnect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
@@ -47,19 +48,147 @@ export function mint(claims, secret = SECRET) {
 
 export const admin = () => mint({ sub: '1', role: 'admin' });
 
-/** A node process; `stop()` sends SIGTERM (drain) and waits for exit. */
-export class Node {
-  constructor(port, dbDir) {
+/** A `redis-server` of the test's own on a free port, without persistence. */
+export class Redis {
+  constructor(port) {
     this.port = port;
-    this.dbDir = dbDir ?? mkdtempSync(join(tmpdir(), 'sbjs-'));
     this.child = null;
   }
 
   static async start(t) {
-    const n = new Node(await freePort());
+    const r = new Redis(await freePort());
+    await r.spawn();
+    t.after(() => r.kill());
+    return r;
+  }
+
+  get url() {
+    return `redis://127.0.0.1:${this.port}/`;
+  }
+
+  async spawn() {
+    this.child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+      stdio: 'ignore',
+    });
+    live.add(this.child);
+    const deadline = Date.now() + 10000;
+    while (!(await this.ping())) {
+      if (Date.now() > deadline) throw new Error('redis-server did not start');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  async ping() {
+    return (await this.command('PING').catch(() => '')) === '+PONG';
+  }
+
+  /** One inline command (e.g. `FLUSHALL`); its first reply line. */
+  command(line) {
+    return new Promise((res, rej) => {
+      const s = tcpConnect(this.port, '127.0.0.1');
+      let got = '';
+      s.on('connect', () => s.write(`${line}\r\n`));
+      s.on('data', (d) => {
+        got += d;
+        const end = got.indexOf('\r\n');
+        if (end >= 0) {
+          s.destroy();
+          res(got.slice(0, end));
+        }
+      });
+      s.on('error', rej);
+    });
+  }
+
+  kill() {
+    if (this.child) {
+      this.child.kill('SIGKILL');
+      live.delete(this.child);
+      this.child = null;
+    }
+  }
+}
+
+/**
+ * A TCP balancer on a free port: each new connection goes to `target`
+ * (a port), which the test moves from node to node; connections already
+ * made stay where they are. While `closed`, new connections are refused
+ * (reset at once), as by a balancer with no backend.
+ */
+export class Balancer {
+  constructor(target) {
+    this.target = target;
+    this.closed = false;
+    this.connections = 0;
+    this.sockets = new Set();
+    this.server = createServer((down) => {
+      if (this.closed) {
+        down.destroy();
+        return;
+      }
+      this.connections += 1;
+      const up = tcpConnect(this.target, '127.0.0.1');
+      this.sockets.add(down).add(up);
+      const end = () => {
+        down.destroy();
+        up.destroy();
+        this.sockets.delete(down);
+        this.sockets.delete(up);
+      };
+      down.pipe(up);
+      up.pipe(down);
+      down.on('error', end).on('close', end);
+      up.on('error', end).on('close', end);
+    });
+  }
+
+  static async start(t, target) {
+    const b = new Balancer(target);
+    await new Promise((res) => b.server.listen(0, '127.0.0.1', res));
+    t.after(() => b.close());
+    return b;
+  }
+
+  get port() {
+    return this.server.address().port;
+  }
+
+  ws(path) {
+    return `ws://127.0.0.1:${this.port}${path}`;
+  }
+
+  close() {
+    for (const s of this.sockets) s.destroy();
+    this.server.close();
+  }
+}
+
+/** A node process; `stop()` sends SIGTERM (drain) and waits for exit. */
+export class Node {
+  /** `env`: extra environment, e.g. `{REDIS_URL}` for a cluster node. */
+  constructor(port, dbDir, env = {}) {
+    this.port = port;
+    this.dbDir = dbDir ?? mkdtempSync(join(tmpdir(), 'sbjs-'));
+    this.env = env;
+    this.child = null;
+  }
+
+  static async start(t, options = {}) {
+    const n = new Node(await freePort(), options.dbDir, options.env);
     await n.spawn();
     t.after(() => n.kill());
     return n;
+  }
+
+  /** `n` nodes sharing one Redis and one database. */
+  static async cluster(t, n, env = {}) {
+    const redis = await Redis.start(t);
+    const dbDir = mkdtempSync(join(tmpdir(), 'sbjs-'));
+    const nodes = [];
+    for (let i = 0; i < n; i++) {
+      nodes.push(await Node.start(t, { dbDir, env: { REDIS_URL: redis.url, NODE_ID: `n${i}`, ...env } }));
+    }
+    return { redis, nodes };
   }
 
   get http() {
@@ -80,6 +209,7 @@ export class Node {
         API_KEYS: API_KEY,
         SHUTDOWN_GRACE_SECS: '3',
         RUST_LOG: 'warn',
+        ...this.env,
       },
       stdio: ['ignore', 'ignore', 'inherit'],
     });

@@ -6,9 +6,13 @@
 //!   in a `select!`); sends go through a shared writer.
 //! - [`reconnect::Client`]: stays connected with seed 000's rules (backoff
 //!   with jitter, at most 10 attempts, no retry after 4001/4003) and keeps
-//!   [`cache::OrdersCache`] and [`cache::DriverPositions`] up to date.
+//!   [`cache::OrdersCache`] and [`cache::DriverPositions`] up to date; it
+//!   resumes by itself on every reconnect ([`positions`]: `since`, SPEC §10)
+//!   and signals `Resync` for a room that was not recovered, whose orders
+//!   the cache then refetches.
 
 pub mod cache;
+pub mod positions;
 pub mod reconnect;
 
 use std::future::Future;
