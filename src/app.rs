@@ -2,8 +2,10 @@
 //! loop) share on one node. The rules get only its [`Ctx`]; nothing below
 //! the edges imports this module.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
@@ -17,6 +19,7 @@ use crate::dispatch;
 use crate::domain::{Ctx, DomainError};
 use crate::event::{Position, iso_now};
 use crate::hub::Hub;
+use crate::lock::lock;
 use crate::metrics as m;
 use crate::ws::outbox::{ConnId, Outbox};
 
@@ -49,6 +52,35 @@ pub struct App {
     /// A key for `/api/publish` made up in dev mode (no `API_KEYS`).
     pub dev_api_key: Option<String>,
     pub(crate) next_conn: AtomicU64,
+    /// Driver positions waiting out `LOCATION_MIN_INTERVAL_MS`.
+    pub(crate) locations: LocationGate,
+}
+
+/// At most one position per driver per interval is applied and fanned out
+/// (SPEC §11); a report inside the interval replaces the pending one, which
+/// is applied when the interval is over, so the latest position always
+/// arrives. Per node: a driver reports to the node its socket is on.
+#[derive(Default)]
+pub(crate) struct LocationGate {
+    slots: Mutex<HashMap<i64, Slot>>,
+}
+
+struct Slot {
+    /// When a position of this driver was last applied.
+    last: Instant,
+    /// The latest report inside the interval, applied at its end.
+    pending: Option<(Identity, Position)>,
+}
+
+impl LocationGate {
+    /// Drops slots of drivers quiet for a while, so the map does not keep
+    /// every driver ever seen.
+    fn sweep(slots: &mut HashMap<i64, Slot>, interval: Duration) {
+        if slots.len() > 4096 {
+            let idle = interval.max(Duration::from_secs(1)) * 10;
+            slots.retain(|_, s| s.pending.is_some() || s.last.elapsed() < idle);
+        }
+    }
 }
 
 impl App {
@@ -93,9 +125,58 @@ impl App {
         dispatch::open_offers(&self.ctx, identity).await
     }
 
-    /// A driver reported its position over its socket.
-    pub async fn driver_location(&self, id: &Identity, loc: Position) -> Result<(), DomainError> {
-        dispatch::driver_location(&self.ctx, id, loc).await
+    /// A driver reported its position (socket or HTTP): applied now, or
+    /// held until the driver's interval is over (see [`LocationGate`]).
+    pub async fn driver_location(
+        self: &Arc<Self>,
+        who: &Identity,
+        loc: Position,
+    ) -> Result<(), DomainError> {
+        let interval = self.config.limits.location_interval;
+        if interval.is_zero() {
+            return dispatch::driver_location(&self.ctx, who, loc).await;
+        }
+        let wait = {
+            let mut slots = lock(&self.locations.slots);
+            LocationGate::sweep(&mut slots, interval);
+            let now = Instant::now();
+            let slot = slots.entry(who.driver_id).or_insert(Slot {
+                last: now.checked_sub(interval).unwrap_or(now),
+                pending: None,
+            });
+            let since = now.duration_since(slot.last);
+            if slot.pending.is_none() && since >= interval {
+                slot.last = now;
+                None
+            } else {
+                if slot.pending.replace((who.clone(), loc)).is_some() {
+                    metrics::counter!(m::LOCATIONS_COALESCED).increment(1);
+                    return Ok(()); // the waiting task applies this one
+                }
+                Some(interval.saturating_sub(since))
+            }
+        };
+        let Some(wait) = wait else {
+            return dispatch::driver_location(&self.ctx, who, loc).await;
+        };
+        let app = self.clone();
+        let driver = who.driver_id;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let next = {
+                let mut slots = lock(&app.locations.slots);
+                slots.get_mut(&driver).and_then(|s| {
+                    s.last = Instant::now();
+                    s.pending.take()
+                })
+            };
+            if let Some((who, loc)) = next
+                && let Err(e) = dispatch::driver_location(&app.ctx, &who, loc).await
+            {
+                tracing::debug!(driver, error = %e, "a held position could not be applied");
+            }
+        });
+        Ok(())
     }
 
     /// This node's line of `/api/stats`.

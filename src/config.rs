@@ -108,6 +108,25 @@ pub struct Settings {
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "REDIS_PREFIX", default_value = "sb:")]
     pub redis_prefix: String,
+    /// Messages a socket may send per second (bursts to twice that); beyond
+    /// it they are dropped with `rate_limited`, and after 10 s over it the
+    /// socket is closed 1008.
+    #[arg(long, env = "MAX_MESSAGES_PER_SEC", default_value_t = 50)]
+    pub max_messages_per_sec: u32,
+    /// A driver's position is applied and fanned out at most once per this
+    /// interval; a report inside it replaces the pending one. 0 = every one.
+    #[arg(long, env = "LOCATION_MIN_INTERVAL_MS", default_value_t = 500)]
+    pub location_min_interval_ms: u64,
+    /// Rooms one socket may be in.
+    #[arg(long, env = "MAX_ROOMS_PER_SOCKET", default_value_t = 64)]
+    pub max_rooms_per_socket: usize,
+    /// Bytes a socket may have waiting (beyond the kernel's buffer) before it
+    /// is closed as a slow consumer (4008).
+    #[arg(long, env = "SEND_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub send_queue_bytes: usize,
+    /// Sockets one node accepts; above it an upgrade is answered 503.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
     /// Events kept per room for recovery (SPEC §10); 0 turns history off.
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
@@ -179,7 +198,10 @@ pub struct Config {
     /// `shutdown_grace`, which bounds the whole shutdown (see `main`).
     pub drain_delay: Duration,
     pub send_queue_len: usize,
+    pub send_queue_bytes: usize,
     pub redis_prefix: String,
+    /// Limits against abusive clients (SPEC §11).
+    pub limits: Limits,
     /// Room history for recovery (`HISTORY_SIZE`, `HISTORY_TTL_SECS`).
     pub history: HistoryConfig,
     /// Test-only fault: the offer clock hangs after claiming (see Settings).
@@ -188,6 +210,15 @@ pub struct Config {
     pub fault_hang_after_publish: bool,
     /// Run migrations at start (`serve --no-migrate` turns it off).
     pub migrate: bool,
+}
+
+/// Per-socket and per-node limits (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub messages_per_sec: u32,
+    pub location_interval: Duration,
+    pub rooms_per_socket: usize,
+    pub max_connections: usize,
 }
 
 /// How much of each room's past is kept for recovery.
@@ -323,6 +354,18 @@ impl Config {
         if s.send_queue_len == 0 {
             return Err(invalid("SEND_QUEUE_LEN", "must be at least 1"));
         }
+        if s.send_queue_bytes < 64 * 1024 {
+            return Err(invalid("SEND_QUEUE_BYTES", "must be at least 65536"));
+        }
+        if s.max_messages_per_sec == 0 {
+            return Err(invalid("MAX_MESSAGES_PER_SEC", "must be at least 1"));
+        }
+        if s.max_rooms_per_socket == 0 {
+            return Err(invalid("MAX_ROOMS_PER_SOCKET", "must be at least 1"));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("MAX_CONNECTIONS", "must be at least 1"));
+        }
         if s.redis_prefix.is_empty() || s.redis_prefix.contains(char::is_whitespace) {
             return Err(invalid("REDIS_PREFIX", "must be a non-empty word"));
         }
@@ -356,7 +399,14 @@ impl Config {
             shutdown_grace,
             drain_delay: Duration::from_secs_f64(s.drain_delay_secs),
             send_queue_len: s.send_queue_len,
+            send_queue_bytes: s.send_queue_bytes,
             redis_prefix: s.redis_prefix,
+            limits: Limits {
+                messages_per_sec: s.max_messages_per_sec,
+                location_interval: Duration::from_millis(s.location_min_interval_ms),
+                rooms_per_socket: s.max_rooms_per_socket,
+                max_connections: s.max_connections,
+            },
             history: HistoryConfig {
                 size: s.history_size,
                 ttl: Duration::from_secs(s.history_ttl_secs),

@@ -248,9 +248,9 @@ mod tests {
     #[test]
     fn multi_room_delivers_once() {
         let hub = Hub::default();
-        let a = Outbox::new(1, Dialect::Rooms, 8, None);
+        let a = Outbox::new(1, Dialect::Rooms, 8, usize::MAX, None);
         assert!(hub.add("r1", &a));
-        assert!(!hub.add("r1", &Outbox::new(2, Dialect::Rooms, 8, None)));
+        assert!(!hub.add("r1", &Outbox::new(2, Dialect::Rooms, 8, usize::MAX, None)));
         hub.add("r2", &a);
         let e = ev(&["r1", "r2"]);
         hub.deliver("r1", None, &e);
@@ -264,8 +264,8 @@ mod tests {
     #[test]
     fn a_batch_reaches_each_socket_once_per_event_in_order() {
         let hub = Hub::default();
-        let a = Outbox::new(1, Dialect::Events, 8, None);
-        let b = Outbox::new(2, Dialect::Events, 8, None);
+        let a = Outbox::new(1, Dialect::Events, 8, usize::MAX, None);
+        let b = Outbox::new(2, Dialect::Events, 8, usize::MAX, None);
         hub.add("r1", &a);
         hub.add("r2", &a);
         hub.add("r2", &b);
@@ -298,8 +298,8 @@ mod tests {
     #[test]
     fn full_queue_closes_only_that_socket() {
         let hub = Hub::default();
-        let slow = Outbox::new(1, Dialect::Events, 1, None);
-        let fast = Outbox::new(2, Dialect::Events, 8, None);
+        let slow = Outbox::new(1, Dialect::Events, 1, usize::MAX, None);
+        let fast = Outbox::new(2, Dialect::Events, 8, usize::MAX, None);
         hub.add("r", &slow);
         hub.add("r", &fast);
         for _ in 0..3 {

@@ -33,6 +33,9 @@ pub const OUTBOX_PENDING: &str = "switchboard_outbox_pending";
 pub const OUTBOX_RELAYED: &str = "switchboard_outbox_relayed_total";
 pub const OUTBOX_RELAY_ERRORS: &str = "switchboard_outbox_relay_errors_total";
 pub const NODE_INFO: &str = "switchboard_node_info";
+pub const RATE_LIMITED: &str = "switchboard_rate_limited_messages_total";
+pub const UPGRADES_REJECTED: &str = "switchboard_upgrades_rejected_total";
+pub const LOCATIONS_COALESCED: &str = "switchboard_locations_coalesced_total";
 pub const RECOVERIES: &str = "switchboard_recoveries_total";
 pub const REPLAYED: &str = "switchboard_replayed_events_total";
 pub const HISTORY_DUPLICATES: &str = "switchboard_history_duplicates_total";
@@ -70,6 +73,9 @@ pub const ALL: &[&str] = &[
     OUTBOX_RELAYED,
     OUTBOX_RELAY_ERRORS,
     NODE_INFO,
+    RATE_LIMITED,
+    UPGRADES_REJECTED,
+    LOCATIONS_COALESCED,
     RECOVERIES,
     REPLAYED,
     HISTORY_DUPLICATES,
@@ -113,6 +119,13 @@ fn zero_series() {
         metrics::counter!(RECOVERIES, "outcome" => outcome).increment(0);
     }
     metrics::counter!(REPLAYED).increment(0);
+    for dialect in ["rooms", "events", "driver"] {
+        metrics::counter!(RATE_LIMITED, "dialect" => dialect).increment(0);
+    }
+    for reason in ["max_connections", "draining"] {
+        metrics::counter!(UPGRADES_REJECTED, "reason" => reason).increment(0);
+    }
+    metrics::counter!(LOCATIONS_COALESCED).increment(0);
     metrics::counter!(HISTORY_DUPLICATES).increment(0);
 }
 
@@ -205,6 +218,18 @@ fn describe() {
         "Room resumes by outcome: recovered, epoch_changed, too_old, bad_since"
     );
     describe_counter!(REPLAYED, "Historical events replayed to resuming sockets");
+    describe_counter!(
+        RATE_LIMITED,
+        "Socket messages dropped over MAX_MESSAGES_PER_SEC, by dialect"
+    );
+    describe_counter!(
+        UPGRADES_REJECTED,
+        "WebSocket upgrades answered 503, by reason (max_connections, draining)"
+    );
+    describe_counter!(
+        LOCATIONS_COALESCED,
+        "Driver positions replaced by a later one inside LOCATION_MIN_INTERVAL_MS"
+    );
     describe_counter!(
         HISTORY_DUPLICATES,
         "Publishes of an event id already in a room's history (not appended again)"

@@ -141,6 +141,7 @@ impl Node {
             started_at: iso_now(),
             dev_api_key,
             next_conn: AtomicU64::new(1),
+            locations: Default::default(),
         });
         crate::health::check_once(&app).await;
         tokio::spawn(crate::health::run(app.clone()));

@@ -73,6 +73,7 @@ async fn echo(upgrade: fastwebsockets::upgrade::UpgradeFut, cap: usize) {
         0,
         Dialect::Events,
         usize::MAX / 2,
+        usize::MAX / 2,
         Some(parts.io.into_inner()),
     );
     let Some(stream) = outbox.stream() else {

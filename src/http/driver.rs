@@ -59,7 +59,7 @@ pub async fn location(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, Ap
     let b: LocationBody = read_json(req).await?;
     let loc = Position::new(b.latitude, b.longitude, b.heading, b.speed)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    dispatch::driver_location(&app.ctx, &who, loc).await?;
+    app.driver_location(&who, loc).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 

@@ -49,6 +49,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The body did not arrive in time (408).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl ApiError {
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::Rule { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -75,6 +79,7 @@ impl ApiError {
             ApiError::Rule { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::Timeout(_) => "request_timeout",
         }
     }
 }
@@ -182,13 +187,19 @@ pub fn id_segment(s: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("{s:?} is not an id")))
 }
 
-/// Reads a JSON body of at most 1 MiB.
+/// How long a request body may take to arrive (SPEC §11).
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a JSON body of at most 1 MiB, arriving within 10 s.
 pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?
-        .to_bytes();
+    let body = tokio::time::timeout(
+        BODY_DEADLINE,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| ApiError::Timeout("the request body did not arrive within 10 s".into()))?
+    .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?
+    .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
@@ -210,8 +221,16 @@ pub async fn handle(
         && fastwebsockets::upgrade::is_upgrade_request(&req)
     {
         if app.drain.is_cancelled() {
+            metrics::counter!(m::UPGRADES_REJECTED, "reason" => "draining").increment(1);
             return Ok(error_response(ApiError::Unavailable(
                 "node is draining".into(),
+            )));
+        }
+        if app.hub.socket_count() >= app.config.limits.max_connections {
+            // 503 so the load balancer retries on another node.
+            metrics::counter!(m::UPGRADES_REJECTED, "reason" => "max_connections").increment(1);
+            return Ok(error_response(ApiError::Unavailable(
+                "node is at MAX_CONNECTIONS".into(),
             )));
         }
         return Ok(

@@ -73,6 +73,7 @@ pub async fn serve(
         app.next_conn_id(),
         dialect,
         app.config.send_queue_len,
+        app.config.send_queue_bytes,
         Some(stream),
     );
     let identity = match auth {
@@ -196,6 +197,78 @@ struct Inbound {
     need: usize,
     /// Fragments of a message being reassembled.
     messages: Assembler,
+    limit: RateLimit,
+    /// Frames decoded so far (progress, for the frame deadline).
+    frames: u64,
+}
+
+/// How long a client may take to finish a frame it started (SPEC §11).
+const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a socket may stay over its message rate before it is closed.
+const FLOOD_GRACE: Duration = Duration::from_secs(10);
+
+/// The inbound message rate of one socket: a token bucket of `rate` a
+/// second that holds two seconds' worth (bursts to twice the rate).
+struct RateLimit {
+    tokens: f64,
+    at: std::time::Instant,
+    /// Since when messages have been dropped without a pause of a second.
+    over_since: Option<std::time::Instant>,
+    last_drop: Option<std::time::Instant>,
+    /// When the client was last told `rate_limited` (once a second).
+    told: Option<std::time::Instant>,
+}
+
+enum Verdict {
+    Pass,
+    /// Drop the message; `tell` when the client should hear why.
+    Drop {
+        tell: bool,
+    },
+    /// Over the limit for `FLOOD_GRACE`: close 1008.
+    Close,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> RateLimit {
+        RateLimit {
+            tokens: f64::from(rate) * 2.0,
+            at: std::time::Instant::now(),
+            over_since: None,
+            last_drop: None,
+            told: None,
+        }
+    }
+
+    fn check(&mut self, rate: u32, now: std::time::Instant) -> Verdict {
+        let rate = f64::from(rate);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate * 2.0);
+        self.at = now;
+        let second = Duration::from_secs(1);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            if self
+                .last_drop
+                .is_some_and(|d| now.saturating_duration_since(d) >= second)
+            {
+                self.over_since = None;
+            }
+            return Verdict::Pass;
+        }
+        self.last_drop = Some(now);
+        let since = *self.over_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= FLOOD_GRACE {
+            return Verdict::Close;
+        }
+        let tell = self
+            .told
+            .is_none_or(|t| now.saturating_duration_since(t) >= second);
+        if tell {
+            self.told = Some(now);
+        }
+        Verdict::Drop { tell }
+    }
 }
 
 /// What resuming a socket's rooms came to: positions for the connect
@@ -376,6 +449,14 @@ impl Session {
     async fn join(&mut self, room: String, since: Option<StreamPos>, bad_since: bool) {
         let history = self.app.config.history.enabled();
         let member = self.rooms.contains(&room);
+        let max = self.app.config.limits.rooms_per_socket;
+        if !member && self.rooms.len() >= max {
+            self.error(
+                "too_many_rooms",
+                &format!("a socket may be in at most {max} rooms"),
+            );
+            return;
+        }
         if !member {
             if history {
                 self.outbox.hold();
@@ -429,10 +510,14 @@ impl Session {
         let ping = tokio::time::sleep_until(next_ping(every));
         tokio::pin!(ping);
         let mut alive = true;
+        // Set while a frame has started but not finished arriving.
+        let mut frame_deadline: Option<tokio::time::Instant> = None;
         let mut inbound = Inbound {
             buf: early,
             need: 0,
             messages: Assembler::default(),
+            limit: RateLimit::new(self.app.config.limits.messages_per_sec),
+            frames: 0,
         };
         // Frames the client sent right behind its handshake.
         if !inbound.buf.is_empty()
@@ -468,6 +553,7 @@ impl Session {
                     }
                     let want = inbound.need.saturating_sub(inbound.buf.len()).max(READ_CHUNK);
                     inbound.buf.reserve(want);
+                    let frames_before = inbound.frames;
                     match stream.try_read_buf(&mut inbound.buf) {
                         Ok(0) => return false,
                         Ok(_) => {
@@ -485,7 +571,16 @@ impl Session {
                     if inbound.buf.is_empty() {
                         // Idle again: hold no read buffer.
                         inbound.buf = BytesMut::new();
+                        frame_deadline = None;
+                    } else if frame_deadline.is_none() || inbound.frames != frames_before {
+                        // A frame has started since the last one finished.
+                        frame_deadline = Some(tokio::time::Instant::now() + FRAME_DEADLINE);
                     }
+                }
+                _ = tokio::time::sleep_until(frame_deadline.unwrap_or_else(tokio::time::Instant::now)), if frame_deadline.is_some() => {
+                    self.error("frame_timeout", "a frame was started and not finished within 30 s");
+                    outbox.closer.close(close_code::POLICY_VIOLATION, "frame timeout");
+                    return true;
                 }
                 _ = &mut ping => {
                     if !alive {
@@ -520,7 +615,10 @@ impl Session {
         let max = self.app.config.max_frame_bytes;
         loop {
             let frame = match frame::decode(&mut inbound.buf, hard_cap(max), &mut inbound.need) {
-                Ok(Some(f)) => f,
+                Ok(Some(f)) => {
+                    inbound.frames += 1;
+                    f
+                }
                 Ok(None) => return None,
                 Err(DecodeError::TooLarge(size)) => {
                     return self.too_large(usize::try_from(size).unwrap_or(usize::MAX));
@@ -555,7 +653,27 @@ impl Session {
                 }
                 Step::Message { text, payload } => (text, payload),
             };
-            self.handle_message(text, &payload, max).await;
+            let rate = self.app.config.limits.messages_per_sec;
+            match inbound.limit.check(rate, std::time::Instant::now()) {
+                Verdict::Pass => self.handle_message(text, &payload, max).await,
+                Verdict::Drop { tell } => {
+                    metrics::counter!(m::RATE_LIMITED, "dialect" => self.dialect.as_str())
+                        .increment(1);
+                    if tell {
+                        self.error(
+                            "rate_limited",
+                            &format!("more than {rate} messages a second: dropped"),
+                        );
+                    }
+                }
+                Verdict::Close => {
+                    self.error("rate_limited", "over the message rate for 10 s");
+                    self.outbox
+                        .closer
+                        .close(close_code::POLICY_VIOLATION, "message rate");
+                    return Some(true);
+                }
+            }
         }
     }
 

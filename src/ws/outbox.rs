@@ -24,6 +24,9 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text message (or close reason) that is not UTF-8.
     pub const INVALID_DATA: u16 = 1007;
+    /// Over a limit for too long: a flood of messages, or a frame left
+    /// half-sent (SPEC §11).
+    pub const POLICY_VIOLATION: u16 = 1008;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// Drain: the node is restarting, reconnect elsewhere.
     pub const SERVICE_RESTART: u16 = 1012;
@@ -79,12 +82,16 @@ pub struct Outbox {
     out: Mutex<Out>,
     /// Tells the socket's task that a backlog appeared.
     backlog: Notify,
+    /// Most frames, and most bytes, the backlog may hold.
     cap: usize,
+    cap_bytes: usize,
 }
 
 #[derive(Default)]
 struct Out {
     queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    bytes: usize,
     /// The queue's first frame is partly written: it must be finished
     /// before anything else goes out.
     partial: bool,
@@ -119,10 +126,13 @@ pub(crate) enum Queued {
 const IOV: usize = 64;
 
 impl Outbox {
+    /// A backlog of more than `queue_len` frames or `queue_bytes` bytes
+    /// closes the socket as a slow consumer (a single frame always fits).
     pub fn new(
         id: ConnId,
         dialect: Dialect,
         queue_len: usize,
+        queue_bytes: usize,
         wire: Option<TcpStream>,
     ) -> Arc<Outbox> {
         Arc::new(Outbox {
@@ -133,6 +143,7 @@ impl Outbox {
             out: Mutex::new(Out::default()),
             backlog: Notify::new(),
             cap: queue_len.max(1),
+            cap_bytes: queue_bytes,
         })
     }
 
@@ -172,10 +183,11 @@ impl Outbox {
         if out.sealed || self.closer.token().is_cancelled() {
             return Some(Queued::Refused);
         }
-        if out.queue.len() >= self.cap {
+        let first = out.queue.is_empty();
+        if out.queue.len() >= self.cap || (!first && out.bytes + frame.len() > self.cap_bytes) {
             return None;
         }
-        let first = out.queue.is_empty();
+        out.bytes += frame.len();
         out.queue.push_back(frame);
         Some(if first { Queued::First } else { Queued::Behind })
     }
@@ -325,11 +337,14 @@ impl Outbox {
             while n > 0 {
                 let first = out.queue.front_mut().expect("wrote more than was queued");
                 if n >= first.len() {
-                    n -= first.len();
+                    let len = first.len();
+                    n -= len;
+                    out.bytes -= len;
                     out.queue.pop_front();
                     out.partial = false;
                 } else {
                     first.advance(n);
+                    out.bytes -= n;
                     out.partial = true;
                     n = 0;
                 }
@@ -351,13 +366,17 @@ impl Outbox {
         if !keep_queue {
             let keep = usize::from(out.partial);
             out.queue.truncate(keep);
+            out.bytes = out.queue.iter().map(Bytes::len).sum();
         }
+        out.bytes += close_frame.len();
         out.queue.push_back(close_frame);
     }
 
     /// Frames waiting in the backlog (unit tests read deliveries here).
     #[cfg(test)]
     pub(crate) fn take_queued(&self) -> Vec<Bytes> {
-        self.lock().queue.drain(..).collect()
+        let mut out = self.lock();
+        out.bytes = 0;
+        out.queue.drain(..).collect()
     }
 }
