@@ -387,6 +387,46 @@ async fn two_workers_never_overlap(db: TestDb) {
     assert!(ext.in_flight.lock().unwrap().values().all(|n| *n == 0));
 }
 
+/// The jobs of one order go out in the order of its changes: a later change
+/// waits while an earlier one is being retried (it used to overtake it).
+async fn jobs_of_one_order_in_order(db: TestDb) {
+    let ext = External::start(Duration::from_millis(5)).await;
+    ext.fail_first.store(2, Ordering::SeqCst);
+    let node = TestNode::start(sync_config(&db, None, "n", &ext.url())).await;
+    let id = new_order(&node).await;
+    for status in ["confirmed", "preparing", "ready"] {
+        let (s, b) = call(
+            node.addr,
+            "PATCH",
+            &format!("/api/orders/{id}"),
+            &admin(),
+            Some(json!({"status": status})),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    wait_for_jobs(&node, "delivered", 4).await;
+    let job_ids: Vec<i64> = ext
+        .received()
+        .iter()
+        .map(|r| {
+            r.key
+                .trim_start_matches("switchboard-sync-")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        job_ids.is_sorted(),
+        "a later change of the order went out before an earlier one: {job_ids:?}"
+    );
+    assert_eq!(
+        job_ids.len(),
+        6,
+        "two failed attempts, then four deliveries: {job_ids:?}"
+    );
+}
+
 async fn no_sync_url_no_jobs(db: TestDb) {
     let node = TestNode::start(config(&db, None, "n")).await;
     new_order(&node).await;
@@ -423,3 +463,7 @@ db_variants!(
     crate::two_workers_never_overlap
 );
 db_variants!(sync_off_writes_no_jobs, crate::no_sync_url_no_jobs);
+db_variants!(
+    sync_jobs_of_one_order_in_order,
+    crate::jobs_of_one_order_in_order
+);

@@ -28,6 +28,8 @@ use crate::metrics as m;
 use crate::store::{self, SyncJob, SyncOutcome};
 
 const BATCH: u64 = 16;
+/// The most of an error response's body that is read (SPEC §11).
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// The worker loop, until `stop`; returns at once when `SYNC_URL` is unset.
 pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
@@ -75,10 +77,15 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
 }
 
 async fn deliver(ctx: &Ctx, rules: &SyncRules, uri: &hyper::Uri, job: SyncJob) {
-    let order = store::get_order(&ctx.db, job.entity_id)
-        .await
-        .ok()
-        .flatten();
+    // A read that fails is not a deleted order: the job waits for its
+    // lease and is tried again, rather than delivered with `data: null`.
+    let order = match store::get_order(&ctx.db, job.entity_id).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(job = job.id, error = %e, "reading the order to sync failed; retrying");
+            return;
+        }
+    };
     let body = json!({
         "entity": job.entity,
         "entity_id": job.entity_id,
@@ -175,18 +182,18 @@ async fn post(uri: &hyper::Uri, key: &str, body: String, timeout: Duration) -> R
             .map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let text = resp
-            .into_body()
+        if status.is_success() {
+            return Ok(()); // the body is not needed
+        }
+        // An error body is read up to 64 KiB, for the snippet in
+        // `sync-error`: a huge one must not take the node's memory.
+        let text = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY)
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        if status.is_success() {
-            Ok(())
-        } else {
-            let snippet: String = String::from_utf8_lossy(&text).chars().take(200).collect();
-            Err(format!("HTTP {}: {snippet}", status.as_u16()))
-        }
+        let snippet: String = String::from_utf8_lossy(&text).chars().take(200).collect();
+        Err(format!("HTTP {}: {snippet}", status.as_u16()))
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,

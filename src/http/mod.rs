@@ -115,14 +115,30 @@ pub fn empty(status: StatusCode) -> Resp {
 /// The rules' errors as HTTP: the status follows the kind of failure, the
 /// code is the rule's own ([`DomainError::code`]).
 impl From<DomainError> for ApiError {
+    /// Rule errors keep their message (written for the client); backend
+    /// failures say only which backend, and the details go to the log
+    /// (SPEC §11: no internal error text in responses).
     fn from(e: DomainError) -> Self {
+        let what = match &e {
+            DomainError::Store(_) => "database",
+            DomainError::Broker(_) => "broker",
+            DomainError::Index(_) => "driver index",
+            DomainError::Clock(_) => "offer clock",
+            _ => "",
+        };
         match e {
             DomainError::Invalid(m) => ApiError::BadRequest(m),
             DomainError::NotFound(m) => ApiError::NotFound(m),
             DomainError::Conflict(m) => ApiError::Conflict(m),
             DomainError::Rule { code, message } => ApiError::Rule { code, message },
-            e if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
-            e => ApiError::Internal(e.to_string()),
+            e if e.is_unavailable() => {
+                tracing::warn!(error = %e, "{what} unavailable");
+                ApiError::Unavailable(format!("{what} unavailable, retry later"))
+            }
+            e => {
+                tracing::error!(error = %e, "{what} failed");
+                ApiError::Internal(format!("{what} error"))
+            }
         }
     }
 }
@@ -267,7 +283,11 @@ async fn route(
         ),
         (&Method::GET, ["healthz"]) => ("/healthz", Ok(ops::healthz())),
         (&Method::GET, ["dashboard", "dev-token"]) => {
-            ("/dashboard", dashboard::dev_token(app, peer))
+            let host = req
+                .headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            ("/dashboard", dashboard::dev_token(app, peer, host))
         }
         (&Method::GET, ["dashboard", rest @ ..]) => (
             "/dashboard",
@@ -341,5 +361,29 @@ async fn route(
             "unmatched",
             Err(ApiError::NotFound(format!("no route for {method} {path}"))),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    /// Backend failures reach clients as which backend failed, never as the
+    /// driver's own text (SPEC §11).
+    #[test]
+    fn internal_error_text_stays_in_the_log() {
+        let secret = "relation \"orders\" does not exist at 10.0.0.5";
+        let e = DomainError::Store(StoreError::Db(sea_orm::DbErr::Custom(secret.into())));
+        let api = ApiError::from(e);
+        assert_eq!(api.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!api.to_string().contains("10.0.0.5"), "{api}");
+        let conn = sea_orm::DbErr::Conn(sea_orm::RuntimeErr::Internal(secret.into()));
+        let api = ApiError::from(DomainError::Store(StoreError::Db(conn)));
+        assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(api.to_string(), "database unavailable, retry later");
+        // Rule errors keep their message: it is written for the client.
+        let rule = ApiError::from(DomainError::Conflict("order is already ready".into()));
+        assert_eq!(rule.to_string(), "order is already ready");
     }
 }

@@ -112,7 +112,10 @@ pub async fn publish(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, Api
         .into_iter()
         .chain(body.rooms.into_iter().flatten())
         .collect();
-    rooms.dedup();
+    // A room named twice (anywhere in the list) is one room: a socket gets
+    // the event once whatever the order or repetition of the rooms.
+    let mut seen = std::collections::HashSet::new();
+    rooms.retain(|r| seen.insert(r.clone()));
     if rooms.is_empty() {
         return Err(ApiError::BadRequest("room (or rooms) is required".into()));
     }

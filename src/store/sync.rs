@@ -32,6 +32,9 @@ pub(super) async fn enqueue_sync(
 
 /// Claims up to `max` jobs that are due, or whose delivering node's lease
 /// ran out: they become `delivering` with a lease and one more attempt.
+/// Only the oldest unfinished job of an entity is claimable, so the changes
+/// of one order reach the external system in order (a failed job no longer
+/// holds the later ones back: it waits for a manual retry).
 /// PostgreSQL skips rows another node is claiming (`FOR UPDATE SKIP
 /// LOCKED`); SQLite runs the one UPDATE under its write lock, which is the
 /// same guarantee.
@@ -49,8 +52,11 @@ pub async fn claim_sync_jobs(
     };
     let sql = format!(
         "UPDATE sync_jobs SET status = 'delivering', attempts = attempts + 1, lease_until = ?, updated_at = ? \
-         WHERE id IN (SELECT id FROM sync_jobs WHERE (status = 'pending' AND next_attempt_at <= ?) \
-         OR (status = 'delivering' AND lease_until < ?) ORDER BY id LIMIT {max}{lock}) RETURNING *"
+         WHERE id IN (SELECT j.id FROM sync_jobs j WHERE ((j.status = 'pending' AND j.next_attempt_at <= ?) \
+         OR (j.status = 'delivering' AND j.lease_until < ?)) \
+         AND NOT EXISTS (SELECT 1 FROM sync_jobs e WHERE e.entity = j.entity AND e.entity_id = j.entity_id \
+         AND e.id < j.id AND e.status IN ('pending', 'delivering')) \
+         ORDER BY j.id LIMIT {max}{lock}) RETURNING *"
     );
     let st = stmt(
         db,
