@@ -467,8 +467,8 @@ async fn scrape(addr: SocketAddr) -> String {
 
 /// Label names a metric may carry; all of them take few values.
 const BOUNDED_LABELS: &[&str] = &[
-    "dialect", "type", "kind", "code", "route", "status", "op", "outcome", "result", "le", "node",
-    "version",
+    "dialect", "type", "kind", "code", "route", "status", "op", "outcome", "result", "reason",
+    "le", "node", "version",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
