@@ -11,11 +11,14 @@ use crate::{ENDPOINTS, member};
 async fn a_reader_that_falls_behind_gets_its_backlog_in_order() {
     init_tracing();
     let db = TestDb::sqlite();
-    let node = TestNode::start(config(&db, None, "backlog")).await;
+    // The backlog may hold all of it (SEND_QUEUE_BYTES defaults to 4 MiB).
+    let mut cfg = config(&db, None, "backlog");
+    cfg.send_queue_bytes = 64 * 1024 * 1024;
+    let node = TestNode::start(cfg).await;
     let mut lagging = Client::connect_parked(node.addr, &format!("/?token={}", admin()), 1).await;
     // 400 × 40 KB = 16 MB: more than loopback's socket buffers take, so
-    // most of it waits in the server's backlog (under SEND_QUEUE_LEN frames)
-    // until the client reads again.
+    // most of it waits in the server's backlog (under SEND_QUEUE_LEN frames
+    // and SEND_QUEUE_BYTES) until the client reads again.
     let n = 400;
     let pad = "b".repeat(40_000);
     let mut http = HttpConn::open(node.addr).await;
