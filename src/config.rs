@@ -60,6 +60,24 @@ pub struct Settings {
     /// Seconds of clock skew tolerated on `exp`.
     #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 0)]
     pub jwt_leeway_secs: u64,
+    /// Claim holding the user id (dotted path); unset = `sub`, `user_id`, `userId`.
+    #[arg(long, env = "JWT_USER_CLAIM")]
+    pub jwt_user_claim: Option<String>,
+    /// Claim holding the role, a string or an array (dotted path); unset = `role`, then `groups`.
+    #[arg(long, env = "JWT_ROLE_CLAIM")]
+    pub jwt_role_claim: Option<String>,
+    /// Claim holding the city id (dotted path); unset = `city_id`.
+    #[arg(long, env = "JWT_CITY_CLAIM")]
+    pub jwt_city_claim: Option<String>,
+    /// Claim holding the driver id (dotted path); unset = `driver_id`.
+    #[arg(long, env = "JWT_DRIVER_CLAIM")]
+    pub jwt_driver_claim: Option<String>,
+    /// Role claim values mapped to roles: `value=role,…` (e.g. `Driver=driver`).
+    #[arg(long, env = "JWT_ROLE_MAP")]
+    pub jwt_role_map: Option<String>,
+    /// Role of a token that carries none.
+    #[arg(long, env = "JWT_DEFAULT_ROLE", default_value = "user")]
+    pub jwt_default_role: String,
     /// Comma-separated keys accepted in `X-API-Key` by `POST /api/publish`.
     #[arg(long, env = "API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
@@ -161,6 +179,8 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub jwt_leeway_secs: u64,
+    /// Where the identity's claims are read from (`JWT_*_CLAIM`, role map).
+    pub claims: ClaimMapping,
     pub api_keys: Vec<String>,
     pub offer_timeout: Duration,
     pub offer_lease: Duration,
@@ -188,6 +208,70 @@ pub struct Config {
     pub fault_hang_after_publish: bool,
     /// Run migrations at start (`serve --no-migrate` turns it off).
     pub migrate: bool,
+}
+
+/// The role names a token may map to (SPEC §2).
+pub const ROLE_NAMES: [&str; 5] = ["admin", "ceo", "manager", "driver", "user"];
+
+/// Which claims hold the identity (SPEC §2, `JWT_*_CLAIM`, `JWT_ROLE_MAP`,
+/// `JWT_DEFAULT_ROLE`). Paths are dotted (`app.role` reaches into `app`);
+/// `None` = the built-in variants of the three source systems.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClaimMapping {
+    pub user: Option<Vec<String>>,
+    pub role: Option<Vec<String>>,
+    pub city: Option<Vec<String>>,
+    pub driver: Option<Vec<String>>,
+    /// Role claim value → one of [`ROLE_NAMES`], tried before the names themselves.
+    pub role_map: Vec<(String, String)>,
+    /// One of [`ROLE_NAMES`].
+    pub default_role: String,
+}
+
+fn claim_path(name: &'static str, v: Option<String>) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(v) = v.filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let parts: Vec<String> = v.trim().split('.').map(String::from).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(invalid(name, format!("{v:?} is not a dotted claim path")));
+    }
+    Ok(Some(parts))
+}
+
+fn role_name(name: &'static str, r: &str) -> Result<String, ConfigError> {
+    let r = r.trim();
+    if ROLE_NAMES.contains(&r) {
+        Ok(r.to_string())
+    } else {
+        Err(invalid(
+            name,
+            format!("{r:?} is not a role ({})", ROLE_NAMES.join(", ")),
+        ))
+    }
+}
+
+impl ClaimMapping {
+    fn from_settings(s: &Settings) -> Result<ClaimMapping, ConfigError> {
+        let mut role_map = Vec::new();
+        for pair in s.jwt_role_map.as_deref().unwrap_or("").split(',') {
+            if pair.trim().is_empty() {
+                continue;
+            }
+            let (value, role) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid("JWT_ROLE_MAP", format!("{pair:?} is not value=role")))?;
+            role_map.push((value.trim().to_string(), role_name("JWT_ROLE_MAP", role)?));
+        }
+        Ok(ClaimMapping {
+            user: claim_path("JWT_USER_CLAIM", s.jwt_user_claim.clone())?,
+            role: claim_path("JWT_ROLE_CLAIM", s.jwt_role_claim.clone())?,
+            city: claim_path("JWT_CITY_CLAIM", s.jwt_city_claim.clone())?,
+            driver: claim_path("JWT_DRIVER_CLAIM", s.jwt_driver_claim.clone())?,
+            role_map,
+            default_role: role_name("JWT_DEFAULT_ROLE", &s.jwt_default_role)?,
+        })
+    }
 }
 
 /// How much of each room's past is kept for recovery.
@@ -332,6 +416,7 @@ impl Config {
         if s.history_ttl_secs == 0 || s.history_ttl_secs > 30 * 86400 {
             return Err(invalid("HISTORY_TTL_SECS", "must be 1 s to 30 days"));
         }
+        let claims = ClaimMapping::from_settings(&s)?;
         Ok(Config {
             listen,
             redis_url: s.redis_url,
@@ -340,6 +425,7 @@ impl Config {
             jwt_issuer: s.jwt_issuer,
             jwt_audience: s.jwt_audience,
             jwt_leeway_secs: s.jwt_leeway_secs,
+            claims,
             api_keys,
             offer_timeout: secs("OFFER_TIMEOUT_SECS", s.offer_timeout_secs)?,
             offer_lease: secs("OFFER_LEASE_SECS", s.offer_lease_secs)?,
@@ -424,5 +510,26 @@ mod tests {
         };
         let e = Config::from_settings(s).unwrap_err().to_string();
         assert!(e.contains("DRAIN_DELAY_SECS"), "{e}");
+        let s = Settings {
+            jwt_role_map: Some("Staff=boss".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("JWT_ROLE_MAP"), "{e}");
+    }
+
+    #[test]
+    fn claim_mapping_parses() {
+        let s = Settings {
+            jwt_role_claim: Some("app.role".into()),
+            jwt_role_map: Some("Driver=driver, Staff=manager".into()),
+            jwt_default_role: "driver".into(),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(s).unwrap().claims;
+        assert_eq!(c.role, Some(vec!["app".to_string(), "role".to_string()]));
+        assert_eq!(c.role_map[1], ("Staff".to_string(), "manager".to_string()));
+        assert_eq!(c.default_role, "driver");
+        assert_eq!(Config::defaults().claims.default_role, "user");
     }
 }
