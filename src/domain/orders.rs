@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 
 use super::model::{
-    check_transition, order_json, order_rooms, pickup, round2, updated_event, visible,
+    cents, check_transition, order_json, order_rooms, pickup, updated_event, visible,
 };
 use super::{Ctx, DomainError, bonuses};
 use crate::auth::Identity;
@@ -50,16 +50,13 @@ fn point(
     }
 }
 
-/// The order-create rules: amounts non-negative and bonuses within the
-/// total, coordinates in range, a non-empty type; bonuses earned at
+/// The order-create rules: amounts finite, 0 to 1e9 and kept in cents,
+/// bonuses within the total, coordinates in range, a non-empty type; bonuses earned at
 /// `BONUS_RATE`. The balance check runs in the create transaction.
 fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
-    if d.total < 0.0 || d.bonuses_used < 0.0 {
-        return Err(DomainError::Invalid(
-            "total and bonuses_used cannot be negative".into(),
-        ));
-    }
-    if d.bonuses_used > d.total {
+    let total = cents("total", d.total)?;
+    let bonuses_used = cents("bonuses_used", d.bonuses_used)?;
+    if bonuses_used > total {
         return Err(DomainError::Rule {
             code: "bonuses_exceed_total",
             message: format!("bonuses_used {} exceeds total {}", d.bonuses_used, d.total),
@@ -81,9 +78,9 @@ fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
         longitude_from,
         latitude_to,
         longitude_to,
-        total: round2(d.total),
-        bonuses_used: round2(d.bonuses_used),
-        bonuses_earned: round2(d.total * bonus_rate),
+        total,
+        bonuses_used,
+        bonuses_earned: (total as f64 * bonus_rate).round() as i64,
         scheduled_at: d.scheduled_at,
     })
 }

@@ -30,9 +30,10 @@ pub struct NewOrder {
     pub longitude_from: Option<String>,
     pub latitude_to: Option<String>,
     pub longitude_to: Option<String>,
-    pub total: f64,
-    pub bonuses_used: f64,
-    pub bonuses_earned: f64,
+    /// Cents.
+    pub total: i64,
+    pub bonuses_used: i64,
+    pub bonuses_earned: i64,
     pub scheduled_at: Option<DateTime<Utc>>,
 }
 
@@ -49,12 +50,13 @@ pub async fn create_order(
     let txn = db.begin().await?;
     let now = Utc::now();
     let needed = new.bonuses_used;
-    if needed > 0.0 {
+    if needed > 0 {
         // Write first: the debit is conditional on the balance, so it can
         // never go negative, however many debits race.
         let n = exec(
             &txn,
-            "UPDATE bonus_accounts SET balance = balance - ?, updated_at = ? WHERE user_id = ? AND balance >= ?",
+            "UPDATE bonus_accounts SET balance_cents = balance_cents - ?, updated_at = ? \
+             WHERE user_id = ? AND balance_cents >= ?",
             vec![needed.into(), now.into(), new.user_id.into(), needed.into()],
         )
         .await?;
@@ -76,9 +78,9 @@ pub async fn create_order(
         longitude_from: Set(new.longitude_from),
         latitude_to: Set(new.latitude_to),
         longitude_to: Set(new.longitude_to),
-        total: Set(new.total),
-        bonuses_used: Set(new.bonuses_used),
-        bonuses_earned: Set(new.bonuses_earned),
+        total_cents: Set(new.total),
+        bonuses_used_cents: Set(new.bonuses_used),
+        bonuses_earned_cents: Set(new.bonuses_earned),
         scheduled_at: Set(new.scheduled_at),
         created_at: Set(now),
         updated_at: Set(now),
@@ -87,7 +89,7 @@ pub async fn create_order(
     }
     .insert(&txn)
     .await?;
-    let change = if needed > 0.0 {
+    let change = if needed > 0 {
         let balance = balance_in(&txn, model.user_id).await?;
         record_operation(&txn, model.user_id, model.id, "used", needed, balance).await?;
         Some(BonusChange {
@@ -205,8 +207,14 @@ pub async fn update_order(
         return Ok(None);
     }
     let mut credit = None;
-    if changes.status.as_deref() == Some("completed") && current.bonuses_earned > 0.0 {
-        credit = credit_in(&txn, current.user_id, current.id, current.bonuses_earned).await?;
+    if changes.status.as_deref() == Some("completed") && current.bonuses_earned_cents > 0 {
+        credit = credit_in(
+            &txn,
+            current.user_id,
+            current.id,
+            current.bonuses_earned_cents,
+        )
+        .await?;
     }
     let updated = order::Entity::find_by_id(current.id)
         .one(&txn)
