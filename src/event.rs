@@ -252,7 +252,7 @@ pub enum EventKind {
     },
     BonusUpdated {
         balance: f64,
-        /// `earned` or `used`.
+        /// `earned`, `used` or `refunded`.
         operation: String,
         amount: f64,
         order_id: Option<i64>,

@@ -8,6 +8,9 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
+    /// The creator's number, or the id as a string; unique. `None` only when
+    /// the id's string was already taken as a given number.
+    pub order_number: Option<String>,
     pub order_type: String,
     pub status: String,
     pub user_id: i64,

@@ -73,7 +73,7 @@ pub fn order_json(o: &Order) -> Value {
     json!({
         "id": o.id,
         "order_code": format!("ORD-{:06}", o.id),
-        "order_number": o.id.to_string(),
+        "order_number": o.order_number.clone().unwrap_or_else(|| o.id.to_string()),
         "order_type": o.order_type,
         "status": o.status,
         "user_id": o.user_id,

@@ -20,6 +20,8 @@ use crate::store::{self, NewOrder, Order, OrderChanges};
 /// A new order as the caller described it, before the rules run.
 #[derive(Debug, Clone)]
 pub struct OrderDraft {
+    /// 1–32 characters, unique; `None` = the id as a string.
+    pub order_number: Option<String>,
     pub order_type: Option<String>,
     pub user_id: i64,
     pub city_id: i64,
@@ -64,11 +66,19 @@ fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
     }
     let (latitude_from, longitude_from) = point(d.from, "from")?;
     let (latitude_to, longitude_to) = point(d.to, "to")?;
+    if let Some(n) = &d.order_number
+        && !(1..=32).contains(&n.chars().count())
+    {
+        return Err(DomainError::Invalid(
+            "order_number must be 1 to 32 characters".into(),
+        ));
+    }
     let order_type = d.order_type.unwrap_or_else(|| "delivery".into());
     if order_type.is_empty() {
         return Err(DomainError::Invalid("order_type cannot be empty".into()));
     }
     Ok(NewOrder {
+        order_number: d.order_number,
         order_type,
         user_id: d.user_id,
         city_id: d.city_id,
@@ -192,10 +202,14 @@ pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
         id,
         ctx.sync_on(),
         |offer| vec![dispatch::offer_ended_event(offer, "Order cancelled")],
-        vec![Event::new(
-            order_rooms(&order),
-            EventKind::OrderDeleted { id },
-        )],
+        |refund| {
+            let mut events = vec![Event::new(
+                order_rooms(&order),
+                EventKind::OrderDeleted { id },
+            )];
+            events.extend(refund.map(bonuses::event));
+            events
+        },
     )
     .await?
     .ok_or_else(not_found)?; // deleted meanwhile

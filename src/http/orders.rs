@@ -116,7 +116,12 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
     let city_id = int(&body, "city_id")?
         .or(who.city_id)
         .ok_or_else(|| ApiError::BadRequest("city_id is required".into()))?;
+    let order_number = match field(&body, "order_number") {
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => text(&body, "order_number", 32)?,
+    };
     let draft = OrderDraft {
+        order_number,
         order_type: text(&body, "order_type", 32)?,
         user_id,
         city_id,

@@ -46,6 +46,8 @@ pub enum StoreError {
     /// Amounts in cents.
     #[error("bonus balance {} is less than {}", crate::event::money(*balance), crate::event::money(*needed))]
     InsufficientBonuses { balance: i64, needed: i64 },
+    #[error("order_number {0:?} is taken")]
+    OrderNumberTaken(String),
 }
 
 impl StoreError {

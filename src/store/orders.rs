@@ -8,11 +8,11 @@ use sea_orm::{
     QuerySelect, Set, TransactionTrait,
 };
 
-use super::bonuses::{BonusChange, balance_in, credit_in, record_operation};
+use super::bonuses::{BonusChange, balance_in, credit_in, credit_kind_in, record_operation};
 use super::offers::end_offer_in;
 use super::outbox::enqueue_events;
 use super::sync::enqueue_sync;
-use super::{Offer, Order, StoreError, exec};
+use super::{Offer, Order, StoreError, exec, is_unique_violation};
 use crate::event::Event;
 use entity::{offer, order};
 
@@ -21,6 +21,8 @@ use entity::{offer, order};
 /// The fields of a new order, validated by the domain layer.
 #[derive(Debug, Clone)]
 pub struct NewOrder {
+    /// The creator's `order_number`; `None` = the id as a string.
+    pub order_number: Option<String>,
     pub order_type: String,
     pub user_id: i64,
     pub city_id: i64,
@@ -66,7 +68,9 @@ pub async fn create_order(
             return Err(StoreError::InsufficientBonuses { balance, needed });
         }
     }
+    let given_number = new.order_number.clone();
     let model = order::ActiveModel {
+        order_number: Set(new.order_number),
         order_type: Set(new.order_type),
         status: Set("pending".into()),
         user_id: Set(new.user_id),
@@ -88,7 +92,35 @@ pub async fn create_order(
         ..Default::default()
     }
     .insert(&txn)
-    .await?;
+    .await;
+    let mut model = match model {
+        Ok(m) => m,
+        Err(e) if is_unique_violation(&e) => {
+            txn.rollback().await?;
+            return Err(StoreError::OrderNumberTaken(
+                given_number.unwrap_or_default(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if model.order_number.is_none() {
+        // The id as a string, unless a creator already gave that number.
+        let number = model.id.to_string();
+        let n = exec(
+            &txn,
+            "UPDATE orders SET order_number = ? WHERE id = ? \
+             AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_number = ?)",
+            vec![
+                number.clone().into(),
+                model.id.into(),
+                number.clone().into(),
+            ],
+        )
+        .await?;
+        if n == 1 {
+            model.order_number = Some(number);
+        }
+    }
     let change = if needed > 0 {
         let balance = balance_in(&txn, model.user_id).await?;
         record_operation(&txn, model.user_id, model.id, "used", needed, balance).await?;
@@ -216,6 +248,17 @@ pub async fn update_order(
         )
         .await?;
     }
+    // Cancelled (only possible before delivery): the bonuses used go back, once.
+    if changes.status.as_deref() == Some("cancelled") && current.bonuses_used_cents > 0 {
+        credit = credit_kind_in(
+            &txn,
+            current.user_id,
+            current.id,
+            "refunded",
+            current.bonuses_used_cents,
+        )
+        .await?;
+    }
     let updated = order::Entity::find_by_id(current.id)
         .one(&txn)
         .await?
@@ -229,19 +272,34 @@ pub async fn update_order(
 }
 
 /// Deletes an order in one transaction: its open offers end as
-/// `cancelled` (each announced with `offer_events`), the order row goes,
-/// and `events` (built by the caller from the order it read) go into the
-/// event outbox after the offers'. Returns the offers ended; `None` when
-/// the order was already gone (nothing changed, nothing announced).
+/// `cancelled` (each announced with `offer_events`), the bonuses it used go
+/// back once (`refunded`) unless it was completed, the order row goes, and
+/// `events` (built by the caller, given the refund) go into the event
+/// outbox after the offers'. Returns the offers ended; `None` when the
+/// order was already gone (nothing changed, nothing announced).
 pub async fn delete_order(
     db: &DatabaseConnection,
     id: i64,
     sync: bool,
     offer_events: impl Fn(&Offer) -> Vec<Event>,
-    events: Vec<Event>,
+    events: impl FnOnce(Option<&BonusChange>) -> Vec<Event>,
 ) -> Result<Option<Vec<Offer>>, StoreError> {
     let txn = db.begin().await?;
-    // Write first (SQLite takes the write lock here, see the module doc).
+    // Write first (SQLite takes the write lock here, see the module doc),
+    // then read the row as it is under that lock.
+    exec(
+        &txn,
+        "UPDATE orders SET version = version + 1 WHERE id = ?",
+        vec![id.into()],
+    )
+    .await?;
+    let before = order::Entity::find_by_id(id).one(&txn).await?;
+    let refund = match &before {
+        Some(o) if o.status != "completed" && o.bonuses_used_cents > 0 => {
+            credit_kind_in(&txn, o.user_id, o.id, "refunded", o.bonuses_used_cents).await?
+        }
+        _ => None,
+    };
     let n = order::Entity::delete_by_id(id)
         .exec(&txn)
         .await?
@@ -265,7 +323,7 @@ pub async fn delete_order(
     if sync {
         enqueue_sync(&txn, id, "deleted").await?;
     }
-    enqueue_events(&txn, events).await?;
+    enqueue_events(&txn, events(refund.as_ref())).await?;
     txn.commit().await?;
     Ok(Some(ended))
 }
