@@ -3,12 +3,15 @@
 //! Tokens come from three source systems with different claim names (SPEC §2),
 //! so claims are read from a JSON object rather than a fixed struct. The
 //! signature, the algorithm (exactly one, fixed by the configured key) and
-//! `exp` are always checked; `iss`/`aud` when configured.
+//! `exp` are always checked, `nbf` when present, `iss`/`aud` when configured;
+//! a token whose `token_type` is present and not `access` (a simplejwt
+//! refresh token) is refused. Which claims hold the user, role, city and
+//! driver is configuration ([`ClaimMapping`], SPEC §2).
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Value, json};
 
-use crate::config::{Config, JwtKey};
+use crate::config::{ClaimMapping, Config, JwtKey};
 use crate::event::room;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +98,10 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
+    #[error("not an access token (token_type {0:?})")]
+    NotAccess(String),
     #[error("invalid token: {0}")]
     Invalid(String),
 }
@@ -105,6 +112,7 @@ pub struct Verifier {
     validation: Validation,
     /// Present only for HS256: the dev-token printer and `token` use it.
     signer: Option<EncodingKey>,
+    claims: ClaimMapping,
 }
 
 impl Verifier {
@@ -132,6 +140,9 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.leeway = config.jwt_leeway_secs;
         validation.set_required_spec_claims(&["exp"]);
+        // `nbf` is checked when the token has one (jsonwebtoken skips a
+        // missing `nbf` even with this on).
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         if let Some(iss) = &config.jwt_issuer {
             validation.set_issuer(&[iss]);
@@ -145,6 +156,7 @@ impl Verifier {
             key,
             validation,
             signer,
+            claims: config.claims.clone(),
         })
     }
 
@@ -153,10 +165,22 @@ impl Verifier {
         let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 k => AuthError::Invalid(format!("{k:?}")),
             },
         )?;
-        identity_from_claims(&data.claims).map_err(AuthError::Invalid)
+        match data.claims.get("token_type") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(t)) if t == "access" => {}
+            Some(t) => {
+                let t = t
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| t.to_string());
+                return Err(AuthError::NotAccess(t));
+            }
+        }
+        identity_with(&data.claims, &self.claims).map_err(AuthError::Invalid)
     }
 
     /// Mints a token (HS256 only). `claims` gets `exp` = now + `ttl_secs`.
@@ -184,38 +208,91 @@ fn as_id(v: &Value) -> Option<i64> {
     }
 }
 
-/// Reads the claim variants of SPEC §2.
-pub fn identity_from_claims(c: &Value) -> Result<Identity, String> {
-    let user_id = ["sub", "user_id", "userId"]
+/// The value at a dotted path (`app.role`).
+fn at<'a>(c: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter()
+        .try_fold(c, |v, k| v.get(k.as_str()))
+        .filter(|v| !v.is_null())
+}
+
+/// A role claim value through `JWT_ROLE_MAP`, else a role name itself.
+fn map_role(value: &str, m: &ClaimMapping) -> Option<Role> {
+    m.role_map
         .iter()
-        .find_map(|k| c.get(*k).and_then(as_id))
-        .ok_or("no integer user id in sub, user_id or userId")?;
-    let groups = |name: &str| {
-        c.get("groups")
-            .and_then(Value::as_array)
-            .is_some_and(|g| g.iter().any(|x| x.as_str() == Some(name)))
+        .find(|(v, _)| v == value)
+        .and_then(|(_, r)| Role::parse(r))
+        .or_else(|| Role::parse(value))
+}
+
+/// The first value of a string-or-array claim that maps to a role.
+fn role_of(v: &Value, m: &ClaimMapping) -> Option<Role> {
+    match v {
+        Value::String(s) => map_role(s, m),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .find_map(|s| map_role(s, m)),
+        _ => None,
+    }
+}
+
+/// Reads the claim variants of SPEC §2 with the built-in claim names.
+pub fn identity_from_claims(c: &Value) -> Result<Identity, String> {
+    identity_with(c, &ClaimMapping::default())
+}
+
+/// Reads the identity from claims as `m` says (SPEC §2): configured paths
+/// first, else the built-in variants; `JWT_ROLE_MAP` applies to the role
+/// claim and to `groups`; a token without a role gets `JWT_DEFAULT_ROLE`.
+pub fn identity_with(c: &Value, m: &ClaimMapping) -> Result<Identity, String> {
+    let user_id = match &m.user {
+        Some(path) => at(c, path)
+            .and_then(as_id)
+            .ok_or_else(|| format!("no integer user id in {}", path.join(".")))?,
+        None => ["sub", "user_id", "userId"]
+            .iter()
+            .find_map(|k| c.get(*k).and_then(as_id))
+            .ok_or("no integer user id in sub, user_id or userId")?,
     };
-    let role = c
-        .get("role")
-        .and_then(Value::as_str)
-        .and_then(Role::parse)
-        .unwrap_or(if groups("Admin") {
-            Role::Admin
-        } else if groups("Driver") {
-            Role::Driver
-        } else {
-            Role::User
-        });
-    let city_id = c.get("city_id").and_then(as_id);
-    let mut city_ids: Vec<i64> = c
-        .get("city_ids")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(as_id).collect())
-        .unwrap_or_default();
+    let role = match &m.role {
+        Some(path) => at(c, path).and_then(|v| role_of(v, m)),
+        None => c.get("role").and_then(|v| role_of(v, m)).or_else(|| {
+            let groups = c.get("groups").and_then(Value::as_array)?;
+            let has = |name: &str| groups.iter().any(|x| x.as_str() == Some(name));
+            if has("Admin") {
+                Some(Role::Admin)
+            } else if has("Driver") {
+                Some(Role::Driver)
+            } else if m.role_map.is_empty() {
+                None
+            } else {
+                role_of(&Value::Array(groups.clone()), m)
+            }
+        }),
+    }
+    .or_else(|| Role::parse(&m.default_role))
+    .unwrap_or(Role::User);
+    let (city_value, city_list) = match &m.city {
+        Some(path) => (at(c, path), None),
+        None => (c.get("city_id"), c.get("city_ids")),
+    };
+    let (city_id, mut city_ids) = match city_value {
+        Some(Value::Array(a)) => (None, a.iter().filter_map(as_id).collect::<Vec<_>>()),
+        Some(v) => (as_id(v), Vec::new()),
+        None => (None, Vec::new()),
+    };
+    if let Some(Value::Array(a)) = city_list {
+        city_ids = a.iter().filter_map(as_id).collect();
+    }
     if city_ids.is_empty() && role == Role::Manager {
         city_ids.extend(city_id);
     }
-    let driver_id = c.get("driver_id").and_then(as_id).unwrap_or(user_id);
+    let driver_id = match &m.driver {
+        Some(path) => at(c, path),
+        None => c.get("driver_id"),
+    }
+    .and_then(as_id)
+    .unwrap_or(user_id);
     Ok(Identity {
         user_id,
         role,
@@ -276,6 +353,33 @@ mod tests {
     }
 
     #[test]
+    fn configured_claims() {
+        let mut m = ClaimMapping {
+            default_role: "driver".into(),
+            ..ClaimMapping::default()
+        };
+        // A stock simplejwt access token has no role: the default applies.
+        let stock = json!({"user_id": 9, "token_type": "access", "jti": "x", "exp": 1});
+        let id = identity_with(&stock, &m).unwrap();
+        assert_eq!((id.user_id, id.role, id.driver_id), (9, Role::Driver, 9));
+        m.role = Some(vec!["app".into(), "roles".into()]);
+        m.role_map = vec![("Staff".into(), "manager".into())];
+        m.city = Some(vec!["app".into(), "cities".into()]);
+        m.user = Some(vec!["uid".into()]);
+        let nested = json!({"uid": "4", "app": {"roles": ["Guest", "Staff"], "cities": [3, 4]}});
+        let id = identity_with(&nested, &m).unwrap();
+        assert_eq!((id.user_id, id.role), (4, Role::Manager));
+        assert_eq!(id.city_ids, vec![3, 4]);
+        assert!(
+            identity_with(&json!({"sub": 1}), &m).is_err(),
+            "user claim configured"
+        );
+        m.driver = Some(vec!["drv".into(), "id".into()]);
+        let id = identity_with(&json!({"uid": 4, "drv": {"id": 77}}), &m).unwrap();
+        assert_eq!((id.role, id.driver_id), (Role::Driver, 77));
+    }
+
+    #[test]
     fn join_rules() {
         let mgr =
             identity_from_claims(&json!({"sub": 2, "role": "manager", "city_ids": [5]})).unwrap();
@@ -321,6 +425,28 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(v.verify(Some(&t)), Err(AuthError::Invalid(_))));
+        let sign = |c: Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &c,
+                &EncodingKey::from_secret(b"0123456789abcdef0123"),
+            )
+            .unwrap()
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        // Not valid before a minute from now.
+        let t = sign(json!({"sub": 1, "exp": now + 600, "nbf": now + 60}));
+        assert_eq!(v.verify(Some(&t)), Err(AuthError::NotYetValid));
+        let t = sign(json!({"sub": 1, "exp": now + 600, "nbf": now - 1}));
+        assert!(v.verify(Some(&t)).is_ok());
+        // A refresh token; an access token.
+        let t = sign(json!({"user_id": 1, "exp": now + 600, "token_type": "refresh"}));
+        assert_eq!(
+            v.verify(Some(&t)),
+            Err(AuthError::NotAccess("refresh".into()))
+        );
+        let t = sign(json!({"user_id": 1, "exp": now + 600, "token_type": "access"}));
+        assert!(v.verify(Some(&t)).is_ok());
         // No exp.
         let t = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

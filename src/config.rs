@@ -47,7 +47,7 @@ pub struct Settings {
     pub database_url: String,
     /// HS256 secret for JWTs.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     /// PEM file with an RS256 or ES256 public key for JWTs.
     #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
@@ -60,9 +60,27 @@ pub struct Settings {
     /// Seconds of clock skew tolerated on `exp`.
     #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 0)]
     pub jwt_leeway_secs: u64,
+    /// Claim holding the user id (dotted path); unset = `sub`, `user_id`, `userId`.
+    #[arg(long, env = "JWT_USER_CLAIM")]
+    pub jwt_user_claim: Option<String>,
+    /// Claim holding the role, a string or an array (dotted path); unset = `role`, then `groups`.
+    #[arg(long, env = "JWT_ROLE_CLAIM")]
+    pub jwt_role_claim: Option<String>,
+    /// Claim holding the city id (dotted path); unset = `city_id`.
+    #[arg(long, env = "JWT_CITY_CLAIM")]
+    pub jwt_city_claim: Option<String>,
+    /// Claim holding the driver id (dotted path); unset = `driver_id`.
+    #[arg(long, env = "JWT_DRIVER_CLAIM")]
+    pub jwt_driver_claim: Option<String>,
+    /// Role claim values mapped to roles: `value=role,…` (e.g. `Driver=driver`).
+    #[arg(long, env = "JWT_ROLE_MAP")]
+    pub jwt_role_map: Option<String>,
+    /// Role of a token that carries none.
+    #[arg(long, env = "JWT_DEFAULT_ROLE", default_value = "user")]
+    pub jwt_default_role: String,
     /// Comma-separated keys accepted in `X-API-Key` by `POST /api/publish`.
     #[arg(long, env = "API_KEYS", hide_env_values = true)]
-    pub api_keys: Option<String>,
+    pub api_keys: Option<Secret>,
     #[arg(long, env = "OFFER_TIMEOUT_SECS", default_value_t = 300.0)]
     pub offer_timeout_secs: f64,
     /// How long a node may take to expire a claimed offer before another
@@ -160,6 +178,40 @@ pub enum JwtKey {
     PublicPem(Vec<u8>),
 }
 
+/// A secret value (a JWT secret, an API key): used as a `&str`, but printed
+/// as `***` by `Debug`, so no dump of the settings or the config shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
+}
+
+/// The placeholder of `k8s/base/secret.yaml`: a value containing it was
+/// never replaced, and must not protect anything.
+const PLACEHOLDER: &str = "CHANGE-ME";
+
 impl std::fmt::Debug for JwtKey {
     // Never print a secret, not even in a debug dump of the config.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,7 +232,9 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub jwt_leeway_secs: u64,
-    pub api_keys: Vec<String>,
+    /// Where the identity's claims are read from (`JWT_*_CLAIM`, role map).
+    pub claims: ClaimMapping,
+    pub api_keys: Vec<Secret>,
     pub offer_timeout: Duration,
     pub offer_lease: Duration,
     pub ping_interval: Duration,
@@ -219,6 +273,70 @@ pub struct Limits {
     pub location_interval: Duration,
     pub rooms_per_socket: usize,
     pub max_connections: usize,
+}
+
+/// The role names a token may map to (SPEC §2).
+pub const ROLE_NAMES: [&str; 5] = ["admin", "ceo", "manager", "driver", "user"];
+
+/// Which claims hold the identity (SPEC §2, `JWT_*_CLAIM`, `JWT_ROLE_MAP`,
+/// `JWT_DEFAULT_ROLE`). Paths are dotted (`app.role` reaches into `app`);
+/// `None` = the built-in variants of the three source systems.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClaimMapping {
+    pub user: Option<Vec<String>>,
+    pub role: Option<Vec<String>>,
+    pub city: Option<Vec<String>>,
+    pub driver: Option<Vec<String>>,
+    /// Role claim value → one of [`ROLE_NAMES`], tried before the names themselves.
+    pub role_map: Vec<(String, String)>,
+    /// One of [`ROLE_NAMES`].
+    pub default_role: String,
+}
+
+fn claim_path(name: &'static str, v: Option<String>) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(v) = v.filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let parts: Vec<String> = v.trim().split('.').map(String::from).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(invalid(name, format!("{v:?} is not a dotted claim path")));
+    }
+    Ok(Some(parts))
+}
+
+fn role_name(name: &'static str, r: &str) -> Result<String, ConfigError> {
+    let r = r.trim();
+    if ROLE_NAMES.contains(&r) {
+        Ok(r.to_string())
+    } else {
+        Err(invalid(
+            name,
+            format!("{r:?} is not a role ({})", ROLE_NAMES.join(", ")),
+        ))
+    }
+}
+
+impl ClaimMapping {
+    fn from_settings(s: &Settings) -> Result<ClaimMapping, ConfigError> {
+        let mut role_map = Vec::new();
+        for pair in s.jwt_role_map.as_deref().unwrap_or("").split(',') {
+            if pair.trim().is_empty() {
+                continue;
+            }
+            let (value, role) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid("JWT_ROLE_MAP", format!("{pair:?} is not value=role")))?;
+            role_map.push((value.trim().to_string(), role_name("JWT_ROLE_MAP", role)?));
+        }
+        Ok(ClaimMapping {
+            user: claim_path("JWT_USER_CLAIM", s.jwt_user_claim.clone())?,
+            role: claim_path("JWT_ROLE_CLAIM", s.jwt_role_claim.clone())?,
+            city: claim_path("JWT_CITY_CLAIM", s.jwt_city_claim.clone())?,
+            driver: claim_path("JWT_DRIVER_CLAIM", s.jwt_driver_claim.clone())?,
+            role_map,
+            default_role: role_name("JWT_DEFAULT_ROLE", &s.jwt_default_role)?,
+        })
+    }
 }
 
 /// How much of each room's past is kept for recovery.
@@ -283,6 +401,13 @@ impl Config {
                 ));
             }
             (Some(secret), None) => {
+                let secret = secret.expose();
+                if secret.contains(PLACEHOLDER) {
+                    return Err(invalid(
+                        "JWT_SECRET",
+                        "is still the CHANGE-ME placeholder of k8s/base/secret.yaml: set a real secret",
+                    ));
+                }
                 if secret.len() < 16 {
                     return Err(invalid("JWT_SECRET", "must be at least 16 bytes"));
                 }
@@ -308,15 +433,22 @@ impl Config {
                 }
             }
         };
-        let api_keys: Vec<String> = s
+        let api_keys: Vec<Secret> = s
             .api_keys
-            .as_deref()
+            .as_ref()
+            .map(Secret::expose)
             .unwrap_or("")
             .split(',')
             .map(str::trim)
             .filter(|k| !k.is_empty())
-            .map(String::from)
+            .map(Secret::from)
             .collect();
+        if api_keys.iter().any(|k| k.expose().contains(PLACEHOLDER)) {
+            return Err(invalid(
+                "API_KEYS",
+                "holds the CHANGE-ME placeholder of k8s/base/secret.yaml: set real keys",
+            ));
+        }
         if let Some(url) = &s.sync_url
             && url
                 .parse::<hyper::Uri>()
@@ -375,6 +507,7 @@ impl Config {
         if s.history_ttl_secs == 0 || s.history_ttl_secs > 30 * 86400 {
             return Err(invalid("HISTORY_TTL_SECS", "must be 1 s to 30 days"));
         }
+        let claims = ClaimMapping::from_settings(&s)?;
         Ok(Config {
             listen,
             redis_url: s.redis_url,
@@ -383,6 +516,7 @@ impl Config {
             jwt_issuer: s.jwt_issuer,
             jwt_audience: s.jwt_audience,
             jwt_leeway_secs: s.jwt_leeway_secs,
+            claims,
             api_keys,
             offer_timeout: secs("OFFER_TIMEOUT_SECS", s.offer_timeout_secs)?,
             offer_lease: secs("OFFER_LEASE_SECS", s.offer_lease_secs)?,
@@ -427,6 +561,36 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholder_secrets_stop_the_start_and_secrets_never_print() {
+        let s = Settings {
+            jwt_secret: Some("CHANGE-ME-to-a-long-random-string".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("JWT_SECRET") && e.contains("CHANGE-ME"), "{e}");
+        let s = Settings {
+            api_keys: Some("good-key,CHANGE-ME".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("API_KEYS"), "{e}");
+
+        let s = Settings {
+            jwt_secret: Some("a-real-secret-0123456789".into()),
+            api_keys: Some("key-one,key-two".into()),
+            ..Settings::default()
+        };
+        let printed = format!("{s:?}");
+        let c = Config::from_settings(s).unwrap();
+        let printed_config = format!("{c:?}");
+        for p in [printed, printed_config] {
+            for secret in ["a-real-secret", "key-one", "key-two"] {
+                assert!(!p.contains(secret), "{secret} printed: {p}");
+            }
+        }
+    }
 
     #[test]
     fn defaults_match_the_spec() {
@@ -474,5 +638,26 @@ mod tests {
         };
         let e = Config::from_settings(s).unwrap_err().to_string();
         assert!(e.contains("DRAIN_DELAY_SECS"), "{e}");
+        let s = Settings {
+            jwt_role_map: Some("Staff=boss".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("JWT_ROLE_MAP"), "{e}");
+    }
+
+    #[test]
+    fn claim_mapping_parses() {
+        let s = Settings {
+            jwt_role_claim: Some("app.role".into()),
+            jwt_role_map: Some("Driver=driver, Staff=manager".into()),
+            jwt_default_role: "driver".into(),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(s).unwrap().claims;
+        assert_eq!(c.role, Some(vec!["app".to_string(), "role".to_string()]));
+        assert_eq!(c.role_map[1], ("Staff".to_string(), "manager".to_string()));
+        assert_eq!(c.default_role, "driver");
+        assert_eq!(Config::defaults().claims.default_role, "user");
     }
 }

@@ -111,6 +111,22 @@ pub fn iso(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// An amount of money in cents as the JSON number every dialect and the
+/// HTTP API show (SPEC §5): whole amounts without a fraction (`1500`, not
+/// `1500.0`), others with their cents (`12.5`, `0.05`).
+pub fn money(cents: i64) -> Value {
+    if cents % 100 == 0 {
+        Value::from(cents / 100)
+    } else {
+        Value::from(cents as f64 / 100.0)
+    }
+}
+
+/// Cents as a (nearest) double, for the events that carry amounts as numbers.
+pub fn cents_f64(cents: i64) -> f64 {
+    cents as f64 / 100.0
+}
+
 /// A number given as a JSON number or a decimal string (seed 001 sends
 /// coordinates as strings); `None` when it is neither, or not finite.
 pub fn number(v: &Value) -> Option<f64> {
@@ -236,7 +252,7 @@ pub enum EventKind {
     },
     BonusUpdated {
         balance: f64,
-        /// `earned` or `used`.
+        /// `earned`, `used` or `refunded`.
         operation: String,
         amount: f64,
         order_id: Option<i64>,
@@ -285,6 +301,19 @@ mod tests {
         let back: Event = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back, e);
         assert_eq!(back.room_index("user-4"), Some(1));
+    }
+
+    #[test]
+    fn money_renders_without_trailing_zeros() {
+        let text = |c| money(c).to_string();
+        assert_eq!(text(150_000), "1500");
+        assert_eq!(text(7_500), "75");
+        assert_eq!(text(1_250), "12.5");
+        assert_eq!(text(5), "0.05");
+        assert_eq!(text(0), "0");
+        assert_eq!(text(123_456_789), "1234567.89");
+        assert_eq!(text(100_000_000_000), "1000000000");
+        assert_eq!(text(99_999_999_999), "999999999.99");
     }
 
     #[test]

@@ -48,7 +48,7 @@ async fn concurrent_debits_and_credits(db: TestDb) {
             json!({"city_id": 1, "user_id": USER, "total": TOTAL}),
         )
         .await;
-        assert_eq!(o["bonuses_earned"], json!(EARNED), "{o}");
+        assert_eq!(o["bonuses_earned"], json!(EARNED as i64), "{o}");
         orders.push(id_of(&o));
     }
     for &id in &orders[..FUNDED_BEFORE] {
@@ -64,7 +64,7 @@ async fn concurrent_debits_and_credits(db: TestDb) {
     }
     let (s, me) = call(addrs[1], "GET", "/api/bonuses/me", &user(USER), None).await;
     assert_eq!(s, 200, "{me}");
-    assert_eq!(me["balance"], json!(EARNED * FUNDED_BEFORE as f64));
+    assert_eq!(me["balance"], json!((EARNED * FUNDED_BEFORE as f64) as i64));
 
     // The race: 20 completions of 4 orders (5 each) and 30 debits of 20
     // against a balance that ends at most at 300, all at once on two nodes.
@@ -135,7 +135,7 @@ async fn concurrent_debits_and_credits(db: TestDb) {
                 assert_eq!(error_code(*s, b, 409), "conflict");
             }
             Outcome::Debited(201, b) => {
-                assert_eq!(b["bonuses_used"], json!(DEBIT), "{b}");
+                assert_eq!(b["bonuses_used"], json!(DEBIT as i64), "{b}");
                 debit_orders.push(id_of(b));
             }
             Outcome::Debited(s, b) => {
@@ -193,7 +193,7 @@ async fn concurrent_debits_and_credits(db: TestDb) {
     for o in ops {
         assert!(o["balance_after"].as_f64().unwrap() >= 0.0, "{o}");
         let want = if o["type"] == "earned" { EARNED } else { DEBIT };
-        assert_eq!(o["amount"], json!(want), "{o}");
+        assert_eq!(o["amount"], json!(want as i64), "{o}");
     }
     // Nothing else moved the balance.
     let conn = db_conn(&db).await;

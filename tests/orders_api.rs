@@ -512,12 +512,7 @@ async fn create_validation(db: TestDb) {
             json!({"city_id": 1, "latitude_from": [41.3], "longitude_from": 69.2}),
             "bad_request",
         ),
-        (json!({"city_id": 1, "total": -1}), "bad_request"),
         (json!({"city_id": 1, "total": "lots"}), "bad_request"),
-        (
-            json!({"city_id": 1, "total": 10, "bonuses_used": -1}),
-            "bad_request",
-        ),
         (json!({"city_id": "one"}), "bad_request"),
         (json!({"city_id": 1, "scheduled_at": "soon"}), "bad_request"),
         (json!([1, 2]), "bad_request"),
@@ -538,6 +533,14 @@ async fn create_validation(db: TestDb) {
     )
     .await;
     assert_eq!(error_code(s, &b, 422), "bonuses_exceed_total");
+    // Negative amounts break the money rule (SPEC §5): 422, not 400.
+    for body in [
+        json!({"city_id": 1, "total": -1}),
+        json!({"city_id": 1, "total": 10, "bonuses_used": -1}),
+    ] {
+        let (s, b) = call(a, "POST", "/api/orders", &u, Some(body.clone())).await;
+        assert_eq!(error_code(s, &b, 422), "invalid_amount", "{body}");
+    }
     let (s, b) = call(
         a,
         "POST",

@@ -7,7 +7,8 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub user_id: i64,
-    pub balance: f64,
+    /// Cents.
+    pub balance_cents: i64,
     pub updated_at: DateTimeUtc,
 }
 

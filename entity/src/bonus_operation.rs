@@ -12,8 +12,9 @@ pub struct Model {
     pub order_id: Option<i64>,
     /// `used` (debit) or `earned` (credit)
     pub kind: String,
-    pub amount: f64,
-    pub balance_after: f64,
+    /// Cents.
+    pub amount_cents: i64,
+    pub balance_after_cents: i64,
     pub created_at: DateTimeUtc,
 }
 

@@ -1,5 +1,5 @@
 //! An order (SPEC §4 "Order JSON"). Coordinates are decimal strings, as
-//! seed 001 sends them; money is a double rounded to cents.
+//! seed 001 sends them; money is in integer cents (SPEC §5: exact to two decimals).
 
 use sea_orm::entity::prelude::*;
 
@@ -8,6 +8,9 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
+    /// The creator's number, or the id as a string; unique. `None` only when
+    /// the id's string was already taken as a given number.
+    pub order_number: Option<String>,
     pub order_type: String,
     pub status: String,
     pub user_id: i64,
@@ -19,9 +22,9 @@ pub struct Model {
     pub longitude_from: Option<String>,
     pub latitude_to: Option<String>,
     pub longitude_to: Option<String>,
-    pub total: f64,
-    pub bonuses_used: f64,
-    pub bonuses_earned: f64,
+    pub total_cents: i64,
+    pub bonuses_used_cents: i64,
+    pub bonuses_earned_cents: i64,
     pub scheduled_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,

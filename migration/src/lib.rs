@@ -6,6 +6,8 @@ pub use sea_orm_migration::prelude::*;
 mod m20261125_000001_create_orders;
 mod m20261126_000002_create_sync_jobs;
 mod m20261201_000003_create_event_outbox;
+mod m20261210_000004_money_in_cents;
+mod m20261211_000005_add_order_number;
 
 pub struct Migrator;
 
@@ -16,6 +18,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_create_orders::Migration),
             Box::new(m20261126_000002_create_sync_jobs::Migration),
             Box::new(m20261201_000003_create_event_outbox::Migration),
+            Box::new(m20261210_000004_money_in_cents::Migration),
+            Box::new(m20261211_000005_add_order_number::Migration),
         ]
     }
 }

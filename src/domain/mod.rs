@@ -138,6 +138,7 @@ impl From<StoreError> for DomainError {
                 code: "insufficient_bonuses",
                 message: e.to_string(),
             },
+            StoreError::OrderNumberTaken(_) => DomainError::Conflict(e.to_string()),
             e => DomainError::Store(e),
         }
     }

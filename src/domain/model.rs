@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::DomainError;
 use crate::auth::{Identity, Role};
-use crate::event::{Event, EventKind, iso, iso_now, room};
+use crate::event::{Event, EventKind, iso, iso_now, money, room};
 use crate::store::{Order, Scope};
 
 /// The lifecycle, in order. `cancelled` is outside it.
@@ -73,7 +73,7 @@ pub fn order_json(o: &Order) -> Value {
     json!({
         "id": o.id,
         "order_code": format!("ORD-{:06}", o.id),
-        "order_number": o.id.to_string(),
+        "order_number": o.order_number.clone().unwrap_or_else(|| o.id.to_string()),
         "order_type": o.order_type,
         "status": o.status,
         "user_id": o.user_id,
@@ -85,9 +85,9 @@ pub fn order_json(o: &Order) -> Value {
         "longitude_from": o.longitude_from,
         "latitude_to": o.latitude_to,
         "longitude_to": o.longitude_to,
-        "total": o.total,
-        "bonuses_used": o.bonuses_used,
-        "bonuses_earned": o.bonuses_earned,
+        "total": money(o.total_cents),
+        "bonuses_used": money(o.bonuses_used_cents),
+        "bonuses_earned": money(o.bonuses_earned_cents),
         "scheduled_at": o.scheduled_at.as_ref().map(iso),
         "created_at": iso(&o.created_at),
         "updated_at": iso(&o.updated_at),
@@ -151,14 +151,46 @@ pub fn scope_of(who: &Identity) -> Scope {
     }
 }
 
-/// Money is kept to cents.
-pub fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
+/// The largest amount of money an order may carry (SPEC §5).
+pub const MAX_MONEY: f64 = 1_000_000_000.0;
+
+/// An amount given as a number, in cents: finite, 0 to [`MAX_MONEY`],
+/// rounded to the nearest cent; otherwise a 422 `invalid_amount`.
+pub fn cents(name: &str, x: f64) -> Result<i64, DomainError> {
+    if !(x.is_finite() && (0.0..=MAX_MONEY).contains(&x)) {
+        return Err(DomainError::Rule {
+            code: "invalid_amount",
+            message: format!("{name} must be a finite amount from 0 to 1000000000, not {x}"),
+        });
+    }
+    Ok((x * 100.0).round() as i64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_in_cents() {
+        assert_eq!(cents("total", 12.35).unwrap(), 1235);
+        assert_eq!(cents("total", 0.1 + 0.2).unwrap(), 30);
+        assert_eq!(cents("total", 1e9).unwrap(), 100_000_000_000);
+        for bad in [
+            -0.01,
+            1e9 + 0.01,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            assert!(matches!(
+                cents("total", bad),
+                Err(DomainError::Rule {
+                    code: "invalid_amount",
+                    ..
+                })
+            ));
+        }
+    }
 
     #[test]
     fn lifecycle_rules() {

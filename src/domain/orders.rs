@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 
 use super::model::{
-    check_transition, order_json, order_rooms, pickup, round2, updated_event, visible,
+    cents, check_transition, order_json, order_rooms, pickup, updated_event, visible,
 };
 use super::{Ctx, DomainError, bonuses};
 use crate::auth::Identity;
@@ -20,6 +20,8 @@ use crate::store::{self, NewOrder, Order, OrderChanges};
 /// A new order as the caller described it, before the rules run.
 #[derive(Debug, Clone)]
 pub struct OrderDraft {
+    /// 1–32 characters, unique; `None` = the id as a string.
+    pub order_number: Option<String>,
     pub order_type: Option<String>,
     pub user_id: i64,
     pub city_id: i64,
@@ -50,16 +52,13 @@ fn point(
     }
 }
 
-/// The order-create rules: amounts non-negative and bonuses within the
-/// total, coordinates in range, a non-empty type; bonuses earned at
+/// The order-create rules: amounts finite, 0 to 1e9 and kept in cents,
+/// bonuses within the total, coordinates in range, a non-empty type; bonuses earned at
 /// `BONUS_RATE`. The balance check runs in the create transaction.
 fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
-    if d.total < 0.0 || d.bonuses_used < 0.0 {
-        return Err(DomainError::Invalid(
-            "total and bonuses_used cannot be negative".into(),
-        ));
-    }
-    if d.bonuses_used > d.total {
+    let total = cents("total", d.total)?;
+    let bonuses_used = cents("bonuses_used", d.bonuses_used)?;
+    if bonuses_used > total {
         return Err(DomainError::Rule {
             code: "bonuses_exceed_total",
             message: format!("bonuses_used {} exceeds total {}", d.bonuses_used, d.total),
@@ -67,11 +66,19 @@ fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
     }
     let (latitude_from, longitude_from) = point(d.from, "from")?;
     let (latitude_to, longitude_to) = point(d.to, "to")?;
+    if let Some(n) = &d.order_number
+        && !(1..=32).contains(&n.chars().count())
+    {
+        return Err(DomainError::Invalid(
+            "order_number must be 1 to 32 characters".into(),
+        ));
+    }
     let order_type = d.order_type.unwrap_or_else(|| "delivery".into());
     if order_type.is_empty() {
         return Err(DomainError::Invalid("order_type cannot be empty".into()));
     }
     Ok(NewOrder {
+        order_number: d.order_number,
         order_type,
         user_id: d.user_id,
         city_id: d.city_id,
@@ -81,9 +88,9 @@ fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
         longitude_from,
         latitude_to,
         longitude_to,
-        total: round2(d.total),
-        bonuses_used: round2(d.bonuses_used),
-        bonuses_earned: round2(d.total * bonus_rate),
+        total,
+        bonuses_used,
+        bonuses_earned: (total as f64 * bonus_rate).round() as i64,
         scheduled_at: d.scheduled_at,
     })
 }
@@ -195,10 +202,14 @@ pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
         id,
         ctx.sync_on(),
         |offer| vec![dispatch::offer_ended_event(offer, "Order cancelled")],
-        vec![Event::new(
-            order_rooms(&order),
-            EventKind::OrderDeleted { id },
-        )],
+        |refund| {
+            let mut events = vec![Event::new(
+                order_rooms(&order),
+                EventKind::OrderDeleted { id },
+            )];
+            events.extend(refund.map(bonuses::event));
+            events
+        },
     )
     .await?
     .ok_or_else(not_found)?; // deleted meanwhile

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::{ApiError, Page, Resp, identity, json_response, query};
 use crate::app::App;
-use crate::event::iso;
+use crate::event::{iso, money};
 use crate::store;
 
 pub async fn me(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
@@ -24,13 +24,13 @@ pub async fn me(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError
             json!({
                 "id": o.id,
                 "type": o.kind,
-                "amount": o.amount,
+                "amount": money(o.amount_cents),
                 "order_id": o.order_id,
-                "balance_after": o.balance_after,
+                "balance_after": money(o.balance_after_cents),
                 "created_at": iso(&o.created_at),
             })
         },
     );
-    body["balance"] = json!(balance);
+    body["balance"] = money(balance);
     Ok(json_response(StatusCode::OK, &body))
 }

@@ -80,7 +80,8 @@ fn check_api_key<B>(app: &App, req: &Request<B>) -> Result<(), ApiError> {
         .config
         .api_keys
         .iter()
-        .chain(app.dev_api_key.iter())
+        .map(|k| k.expose())
+        .chain(app.dev_api_key.as_deref())
         .any(|k| same(k.as_bytes(), given.as_bytes()));
     if ok {
         Ok(())

@@ -31,6 +31,22 @@ fn number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError>
     }
 }
 
+/// An amount as given: a JSON number or a decimal string. Non-finite
+/// values (`"NaN"`, `"Infinity"`) pass through for the money rule to refuse
+/// with 422 (SPEC §5); anything else that is not a number is a 400.
+fn amount(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
+    match field(body, key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(Value::String(s)) => s.trim().parse::<f64>().map(Some).map_err(|_| {
+            ApiError::BadRequest(format!("{key} must be a number or a decimal string"))
+        }),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "{key} must be a number or a decimal string"
+        ))),
+    }
+}
+
 fn text(body: &Map<String, Value>, key: &str, max: usize) -> Result<Option<String>, ApiError> {
     match field(body, key) {
         None => Ok(None),
@@ -100,7 +116,12 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
     let city_id = int(&body, "city_id")?
         .or(who.city_id)
         .ok_or_else(|| ApiError::BadRequest("city_id is required".into()))?;
+    let order_number = match field(&body, "order_number") {
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => text(&body, "order_number", 32)?,
+    };
     let draft = OrderDraft {
+        order_number,
         order_type: text(&body, "order_type", 32)?,
         user_id,
         city_id,
@@ -108,8 +129,8 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
         address_to: text(&body, "address_to", 500)?.unwrap_or_default(),
         from: point(&body, "latitude_from", "longitude_from")?,
         to: point(&body, "latitude_to", "longitude_to")?,
-        total: number(&body, "total")?.unwrap_or(0.0),
-        bonuses_used: number(&body, "bonuses_used")?.unwrap_or(0.0),
+        total: amount(&body, "total")?.unwrap_or(0.0),
+        bonuses_used: amount(&body, "bonuses_used")?.unwrap_or(0.0),
         scheduled_at: timestamp(&body, "scheduled_at")?,
     };
     let order = domain::create(&app.ctx, draft).await?;

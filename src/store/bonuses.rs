@@ -15,17 +15,19 @@ use entity::{bonus_account, bonus_operation};
 pub struct BonusChange {
     pub user_id: i64,
     pub kind: &'static str,
-    pub amount: f64,
-    pub balance: f64,
+    /// Cents.
+    pub amount: i64,
+    /// Cents, after the change.
+    pub balance: i64,
     pub order_id: i64,
 }
 
-pub(super) async fn balance_in(db: &impl ConnectionTrait, user_id: i64) -> Result<f64, DbErr> {
+pub(super) async fn balance_in(db: &impl ConnectionTrait, user_id: i64) -> Result<i64, DbErr> {
     Ok(bonus_account::Entity::find_by_id(user_id)
         .one(db)
         .await?
-        .map(|a| a.balance)
-        .unwrap_or(0.0))
+        .map(|a| a.balance_cents)
+        .unwrap_or(0))
 }
 
 /// Records a bonus operation unless one of this kind exists for the order;
@@ -35,12 +37,12 @@ pub(super) async fn record_operation(
     user_id: i64,
     order_id: i64,
     kind: &str,
-    amount: f64,
-    balance_after: f64,
+    amount: i64,
+    balance_after: i64,
 ) -> Result<bool, DbErr> {
     let n = exec(
         db,
-        "INSERT INTO bonus_operations (user_id, order_id, kind, amount, balance_after, created_at) \
+        "INSERT INTO bonus_operations (user_id, order_id, kind, amount_cents, balance_after_cents, created_at) \
          VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id, kind) DO NOTHING",
         vec![
             user_id.into(),
@@ -61,16 +63,28 @@ pub(super) async fn credit_in(
     txn: &impl ConnectionTrait,
     user_id: i64,
     order_id: i64,
-    amount: f64,
+    amount: i64,
 ) -> Result<Option<BonusChange>, DbErr> {
-    if !record_operation(txn, user_id, order_id, "earned", amount, 0.0).await? {
+    credit_kind_in(txn, user_id, order_id, "earned", amount).await
+}
+
+/// Credits `amount` cents once per (order, `kind`): `earned` on completion,
+/// `refunded` when an order that used bonuses is cancelled or deleted.
+pub(super) async fn credit_kind_in(
+    txn: &impl ConnectionTrait,
+    user_id: i64,
+    order_id: i64,
+    kind: &'static str,
+    amount: i64,
+) -> Result<Option<BonusChange>, DbErr> {
+    if !record_operation(txn, user_id, order_id, kind, amount, 0).await? {
         return Ok(None);
     }
     let now = Utc::now();
     exec(
         txn,
-        "INSERT INTO bonus_accounts (user_id, balance, updated_at) VALUES (?, ?, ?) \
-         ON CONFLICT (user_id) DO UPDATE SET balance = bonus_accounts.balance + excluded.balance, \
+        "INSERT INTO bonus_accounts (user_id, balance_cents, updated_at) VALUES (?, ?, ?) \
+         ON CONFLICT (user_id) DO UPDATE SET balance_cents = bonus_accounts.balance_cents + excluded.balance_cents, \
          updated_at = excluded.updated_at",
         vec![user_id.into(), amount.into(), now.into()],
     )
@@ -78,13 +92,13 @@ pub(super) async fn credit_in(
     let balance = balance_in(txn, user_id).await?;
     exec(
         txn,
-        "UPDATE bonus_operations SET balance_after = ? WHERE order_id = ? AND kind = 'earned'",
-        vec![balance.into(), order_id.into()],
+        "UPDATE bonus_operations SET balance_after_cents = ? WHERE order_id = ? AND kind = ?",
+        vec![balance.into(), order_id.into(), kind.into()],
     )
     .await?;
     Ok(Some(BonusChange {
         user_id,
-        kind: "earned",
+        kind,
         amount,
         balance,
         order_id,
@@ -93,7 +107,8 @@ pub(super) async fn credit_in(
 
 // ---------------------------------------------------------------- bonuses
 
-pub async fn bonus_balance(db: &DatabaseConnection, user_id: i64) -> Result<f64, StoreError> {
+/// The balance in cents.
+pub async fn bonus_balance(db: &DatabaseConnection, user_id: i64) -> Result<i64, StoreError> {
     Ok(balance_in(db, user_id).await?)
 }
 

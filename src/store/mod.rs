@@ -43,8 +43,11 @@ pub use sync::*;
 pub enum StoreError {
     #[error("{0}")]
     Db(#[from] DbErr),
-    #[error("bonus balance {balance} is less than {needed}")]
-    InsufficientBonuses { balance: f64, needed: f64 },
+    /// Amounts in cents.
+    #[error("bonus balance {} is less than {}", crate::event::money(*balance), crate::event::money(*needed))]
+    InsufficientBonuses { balance: i64, needed: i64 },
+    #[error("order_number {0:?} is taken")]
+    OrderNumberTaken(String),
 }
 
 impl StoreError {

@@ -8,11 +8,11 @@ use sea_orm::{
     QuerySelect, Set, TransactionTrait,
 };
 
-use super::bonuses::{BonusChange, balance_in, credit_in, record_operation};
+use super::bonuses::{BonusChange, balance_in, credit_in, credit_kind_in, record_operation};
 use super::offers::end_offer_in;
 use super::outbox::enqueue_events;
 use super::sync::enqueue_sync;
-use super::{Offer, Order, StoreError, exec};
+use super::{Offer, Order, StoreError, exec, is_unique_violation};
 use crate::event::Event;
 use entity::{offer, order};
 
@@ -21,6 +21,8 @@ use entity::{offer, order};
 /// The fields of a new order, validated by the domain layer.
 #[derive(Debug, Clone)]
 pub struct NewOrder {
+    /// The creator's `order_number`; `None` = the id as a string.
+    pub order_number: Option<String>,
     pub order_type: String,
     pub user_id: i64,
     pub city_id: i64,
@@ -30,9 +32,10 @@ pub struct NewOrder {
     pub longitude_from: Option<String>,
     pub latitude_to: Option<String>,
     pub longitude_to: Option<String>,
-    pub total: f64,
-    pub bonuses_used: f64,
-    pub bonuses_earned: f64,
+    /// Cents.
+    pub total: i64,
+    pub bonuses_used: i64,
+    pub bonuses_earned: i64,
     pub scheduled_at: Option<DateTime<Utc>>,
 }
 
@@ -49,12 +52,13 @@ pub async fn create_order(
     let txn = db.begin().await?;
     let now = Utc::now();
     let needed = new.bonuses_used;
-    if needed > 0.0 {
+    if needed > 0 {
         // Write first: the debit is conditional on the balance, so it can
         // never go negative, however many debits race.
         let n = exec(
             &txn,
-            "UPDATE bonus_accounts SET balance = balance - ?, updated_at = ? WHERE user_id = ? AND balance >= ?",
+            "UPDATE bonus_accounts SET balance_cents = balance_cents - ?, updated_at = ? \
+             WHERE user_id = ? AND balance_cents >= ?",
             vec![needed.into(), now.into(), new.user_id.into(), needed.into()],
         )
         .await?;
@@ -64,7 +68,9 @@ pub async fn create_order(
             return Err(StoreError::InsufficientBonuses { balance, needed });
         }
     }
+    let given_number = new.order_number.clone();
     let model = order::ActiveModel {
+        order_number: Set(new.order_number),
         order_type: Set(new.order_type),
         status: Set("pending".into()),
         user_id: Set(new.user_id),
@@ -76,9 +82,9 @@ pub async fn create_order(
         longitude_from: Set(new.longitude_from),
         latitude_to: Set(new.latitude_to),
         longitude_to: Set(new.longitude_to),
-        total: Set(new.total),
-        bonuses_used: Set(new.bonuses_used),
-        bonuses_earned: Set(new.bonuses_earned),
+        total_cents: Set(new.total),
+        bonuses_used_cents: Set(new.bonuses_used),
+        bonuses_earned_cents: Set(new.bonuses_earned),
         scheduled_at: Set(new.scheduled_at),
         created_at: Set(now),
         updated_at: Set(now),
@@ -86,8 +92,36 @@ pub async fn create_order(
         ..Default::default()
     }
     .insert(&txn)
-    .await?;
-    let change = if needed > 0.0 {
+    .await;
+    let mut model = match model {
+        Ok(m) => m,
+        Err(e) if is_unique_violation(&e) => {
+            txn.rollback().await?;
+            return Err(StoreError::OrderNumberTaken(
+                given_number.unwrap_or_default(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if model.order_number.is_none() {
+        // The id as a string, unless a creator already gave that number.
+        let number = model.id.to_string();
+        let n = exec(
+            &txn,
+            "UPDATE orders SET order_number = ? WHERE id = ? \
+             AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_number = ?)",
+            vec![
+                number.clone().into(),
+                model.id.into(),
+                number.clone().into(),
+            ],
+        )
+        .await?;
+        if n == 1 {
+            model.order_number = Some(number);
+        }
+    }
+    let change = if needed > 0 {
         let balance = balance_in(&txn, model.user_id).await?;
         record_operation(&txn, model.user_id, model.id, "used", needed, balance).await?;
         Some(BonusChange {
@@ -205,8 +239,25 @@ pub async fn update_order(
         return Ok(None);
     }
     let mut credit = None;
-    if changes.status.as_deref() == Some("completed") && current.bonuses_earned > 0.0 {
-        credit = credit_in(&txn, current.user_id, current.id, current.bonuses_earned).await?;
+    if changes.status.as_deref() == Some("completed") && current.bonuses_earned_cents > 0 {
+        credit = credit_in(
+            &txn,
+            current.user_id,
+            current.id,
+            current.bonuses_earned_cents,
+        )
+        .await?;
+    }
+    // Cancelled (only possible before delivery): the bonuses used go back, once.
+    if changes.status.as_deref() == Some("cancelled") && current.bonuses_used_cents > 0 {
+        credit = credit_kind_in(
+            &txn,
+            current.user_id,
+            current.id,
+            "refunded",
+            current.bonuses_used_cents,
+        )
+        .await?;
     }
     let updated = order::Entity::find_by_id(current.id)
         .one(&txn)
@@ -221,19 +272,34 @@ pub async fn update_order(
 }
 
 /// Deletes an order in one transaction: its open offers end as
-/// `cancelled` (each announced with `offer_events`), the order row goes,
-/// and `events` (built by the caller from the order it read) go into the
-/// event outbox after the offers'. Returns the offers ended; `None` when
-/// the order was already gone (nothing changed, nothing announced).
+/// `cancelled` (each announced with `offer_events`), the bonuses it used go
+/// back once (`refunded`) unless it was completed, the order row goes, and
+/// `events` (built by the caller, given the refund) go into the event
+/// outbox after the offers'. Returns the offers ended; `None` when the
+/// order was already gone (nothing changed, nothing announced).
 pub async fn delete_order(
     db: &DatabaseConnection,
     id: i64,
     sync: bool,
     offer_events: impl Fn(&Offer) -> Vec<Event>,
-    events: Vec<Event>,
+    events: impl FnOnce(Option<&BonusChange>) -> Vec<Event>,
 ) -> Result<Option<Vec<Offer>>, StoreError> {
     let txn = db.begin().await?;
-    // Write first (SQLite takes the write lock here, see the module doc).
+    // Write first (SQLite takes the write lock here, see the module doc),
+    // then read the row as it is under that lock.
+    exec(
+        &txn,
+        "UPDATE orders SET version = version + 1 WHERE id = ?",
+        vec![id.into()],
+    )
+    .await?;
+    let before = order::Entity::find_by_id(id).one(&txn).await?;
+    let refund = match &before {
+        Some(o) if o.status != "completed" && o.bonuses_used_cents > 0 => {
+            credit_kind_in(&txn, o.user_id, o.id, "refunded", o.bonuses_used_cents).await?
+        }
+        _ => None,
+    };
     let n = order::Entity::delete_by_id(id)
         .exec(&txn)
         .await?
@@ -257,7 +323,7 @@ pub async fn delete_order(
     if sync {
         enqueue_sync(&txn, id, "deleted").await?;
     }
-    enqueue_events(&txn, events).await?;
+    enqueue_events(&txn, events(refund.as_ref())).await?;
     txn.commit().await?;
     Ok(Some(ended))
 }

@@ -23,7 +23,7 @@ pub fn config(db: &TestDb, redis: Option<&RedisServer>, node_id: &str) -> Config
         secret: SECRET.as_bytes().to_vec(),
         generated: false,
     };
-    c.api_keys = vec![API_KEY.to_string()];
+    c.api_keys = vec![API_KEY.into()];
     c.node_id = node_id.to_string();
     c.shutdown_grace = Duration::from_secs(5);
     c

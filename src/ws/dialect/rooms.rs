@@ -36,8 +36,8 @@ pub(super) fn render(kind: &EventKind, personal: bool) -> Option<Value> {
         } => json!({
             "type": "bonus-updated",
             "data": {
-                "balance": whole_as_int(*balance),
-                "operation": {"type": operation, "amount": whole_as_int(*amount), "orderId": order_id},
+                "balance": money_of(*balance),
+                "operation": {"type": operation, "amount": money_of(*amount), "orderId": order_id},
                 "timestamp": timestamp,
             },
         }),
@@ -65,10 +65,8 @@ pub(super) fn render(kind: &EventKind, personal: bool) -> Option<Value> {
 /// Seed 002 prints whole amounts as integers (`"amount": 75`). An `f64`
 /// serializes as `75.0`, which strictly typed clients (an `Int` field in a
 /// Kotlin or Swift decoder) refuse, so whole values go out as integers.
-fn whole_as_int(x: f64) -> Value {
-    if x.fract() == 0.0 && x.abs() < 9.0e15 {
-        json!(x as i64)
-    } else {
-        json!(x)
-    }
+/// An amount carried as a double made from cents, rendered as every amount
+/// is (`event::money`): `75`, `12.5`.
+fn money_of(x: f64) -> Value {
+    crate::event::money((x * 100.0).round() as i64)
 }
