@@ -79,13 +79,13 @@ pub async fn serve(
     let identity = match auth {
         Ok(id) if dialect == Dialect::Driver && id.role != Role::Driver => {
             let msg = "the driver endpoint is for drivers only";
-            refuse(&outbox, close_code::FORBIDDEN, "forbidden", msg).await;
+            Box::pin(refuse(&outbox, close_code::FORBIDDEN, "forbidden", msg)).await;
             return;
         }
         Ok(id) => id,
         Err(e) => {
             let msg = e.to_string();
-            refuse(&outbox, close_code::UNAUTHORIZED, "unauthorized", &msg).await;
+            Box::pin(refuse(&outbox, close_code::UNAUTHORIZED, "unauthorized", &msg)).await;
             return;
         }
     };
@@ -110,7 +110,8 @@ pub async fn serve(
     for room in std::mem::take(&mut session.rooms) {
         app.leave(outbox.id, &room);
     }
-    goodbye(&outbox, keep_queue).await;
+    // Boxed: its read buffer must not sit in every idle socket's future.
+    Box::pin(goodbye(&outbox, keep_queue)).await;
     app.hub.socket_closed();
     metrics::gauge!(m::SOCKETS_OPEN, "dialect" => dialect.as_str()).decrement(1.0);
 }
@@ -124,7 +125,7 @@ async fn refuse(outbox: &Outbox, code: u16, err: &'static str, message: &str) {
         dialect.reply(&Reply::Error { code: err, message }),
     ));
     outbox.closer.close(code, err);
-    goodbye(outbox, true).await;
+    Box::pin(goodbye(outbox, true)).await;
 }
 
 /// Sends the close frame (after the backlog when `keep_queue`), then ends
@@ -160,7 +161,9 @@ pub(crate) async fn goodbye(outbox: &Outbox, keep_queue: bool) {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut sink = [0u8; 4096];
+        // On the heap, and only here: a socket's task future is sized by its
+        // largest await point, and every idle socket would carry this.
+        let mut sink = vec![0u8; 4096];
         loop {
             stream.readable().await?;
             match stream.try_read(&mut sink) {
@@ -588,6 +591,9 @@ impl Session {
                         return false;
                     }
                     alive = false;
+                    // Stragglers of a resume arrive within milliseconds; an
+                    // idle socket need not keep its floors.
+                    outbox.retire_floors();
                     outbox.push(frame::ping());
                     ping.as_mut().reset(next_ping(every));
                 }

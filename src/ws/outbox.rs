@@ -241,6 +241,15 @@ impl Outbox {
         self.settle(q)
     }
 
+    /// Forgets the floors of the last resume (see `Out::floors`): by the
+    /// next ping, no frame from before the resume is still in flight.
+    pub(crate) fn retire_floors(&self) {
+        let mut out = self.lock();
+        if !out.floors.is_empty() && out.held.is_none() {
+            out.floors = Vec::new();
+        }
+    }
+
     /// From now on live event frames wait until [`Outbox::release`];
     /// replies (connect message, replayed frames) still go out at once.
     pub(crate) fn hold(&self) {
