@@ -96,30 +96,45 @@ pub async fn cluster_of(
 ) -> anyhow::Result<Vec<NodeProcess>> {
     let mut nodes = Vec::new();
     for i in 0..k {
-        let mut env = vec![
-            ("REDIS_URL", redis.url()),
-            ("DATABASE_URL", db_url.to_string()),
-            ("JWT_SECRET", String::from_utf8_lossy(SECRET).into_owned()),
-            ("API_KEYS", API_KEY.to_string()),
-            ("NODE_ID", format!("lg{i}")),
-        ];
-        env.extend(extra.iter().cloned());
         // The first node migrates; the others start after it.
+        let env = node_env(&format!("lg{i}"), redis, db_url, extra);
         nodes.push(NodeProcess::start(bin, &env).await);
     }
     for n in &nodes {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !matches!(
-            http(n.addr, "GET", "/readyz", &[], None).await,
-            Ok((200, _))
-        ) {
-            if Instant::now() > deadline {
-                bail!("node {} never became ready", n.addr);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(n.addr, Duration::from_secs(30)).await?;
     }
     Ok(nodes)
+}
+
+/// The environment of a loadgen node: Redis, database, the shared secret and
+/// API key, its `NODE_ID`, then `extra`.
+pub fn node_env<'a>(
+    node_id: &str,
+    redis: &RedisServer,
+    db_url: &str,
+    extra: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
+    let mut env = vec![
+        ("REDIS_URL", redis.url()),
+        ("DATABASE_URL", db_url.to_string()),
+        ("JWT_SECRET", String::from_utf8_lossy(SECRET).into_owned()),
+        ("API_KEYS", API_KEY.to_string()),
+        ("NODE_ID", node_id.to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
+/// Waits until `GET /readyz` answers 200 (Redis and the database reachable).
+pub async fn wait_ready(addr: std::net::SocketAddr, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !matches!(http(addr, "GET", "/readyz", &[], None).await, Ok((200, _))) {
+        if Instant::now() > deadline {
+            bail!("node {addr} never became ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Peak and current resident memory of a process, in KiB (VmHWM, VmRSS).
