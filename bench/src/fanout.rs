@@ -35,6 +35,10 @@ pub struct Args {
     /// one request in flight; together they keep to `rate`.
     #[arg(long, default_value_t = 1)]
     publishers: usize,
+    /// `HISTORY_SIZE` of the nodes (default: the server's, 1000; 0 = history
+    /// off, a plain PUBLISH per room instead of the append script).
+    #[arg(long)]
+    history_size: Option<usize>,
     /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
     #[arg(long)]
     server: Option<PathBuf>,
@@ -49,14 +53,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Some(p) => p,
         None => node_binary()?,
     };
-    let nodes = cluster_of(
-        &bin,
-        a.nodes,
-        &redis,
-        &db_url,
-        &[("SEND_QUEUE_LEN", "4096".into())],
-    )
-    .await?;
+    let mut extra = vec![("SEND_QUEUE_LEN", "4096".to_string())];
+    if let Some(h) = a.history_size {
+        extra.push(("HISTORY_SIZE", h.to_string()));
+    }
+    let nodes = cluster_of(&bin, a.nodes, &redis, &db_url, &extra).await?;
     let admin = mint(SECRET, json!({"sub": 1, "role": "admin"}));
     let driver = mint(SECRET, json!({"sub": 7, "role": "driver", "city_id": 1}));
     // Drivers listen on driver-7; everyone else on admin-orders.
@@ -130,6 +131,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .map(|p| cpu_seconds(*p).unwrap_or(0.0))
         .collect();
     let my0 = self_cpu();
+    let redis_pid = redis.pid().unwrap_or(0);
+    let redis0 = cpu_seconds(redis_pid).unwrap_or(0.0);
     // Publishers: paced (publish `seq` is due at (seq-1)/rate), each with
     // one kept-alive connection per node, round-robin over the nodes;
     // publisher j sends the publishes with seq ≡ j (mod publishers).
@@ -201,6 +204,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             .count() as u64;
     }
     let my_cpu = self_cpu() - my0;
+    let redis_cpu = cpu_seconds(redis_pid).unwrap_or(redis0) - redis0;
     let node_cpu: f64 = pids
         .iter()
         .zip(&cpu0)
@@ -208,11 +212,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .sum();
     let peak_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).0).collect();
     let expected = accepted.iter().filter(|x| **x).count() as u64 * a.subscribers as u64;
+    let history = a
+        .history_size
+        .map_or_else(|| "server default".to_string(), |h| h.to_string());
     let per_s = got as f64 / publish_secs;
     let server_us = node_cpu * 1e6 / got.max(1) as f64;
     let loadgen_us = my_cpu * 1e6 / got.max(1) as f64;
+    let accepted_n = accepted.iter().filter(|x| **x).count() as u64;
+    let redis_us = redis_cpu * 1e6 / accepted_n.max(1) as f64;
     println!(
-        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s by {} publisher(s) for {:.1} s, payload {} B, server {}",
+        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s by {} publisher(s) for {:.1} s, payload {} B, server {}, history {history}",
         a.subscribers,
         a.nodes,
         a.path,
@@ -230,13 +239,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     println!(
         "  server CPU {node_cpu:.2} s = {server_us:.2} µs/delivery; peak RSS per node {peak_rss:?} KiB; loadgen CPU {loadgen_us:.2} µs/delivery"
     );
+    println!("  redis CPU {redis_cpu:.2} s = {redis_us:.1} µs/publish");
     println!(
         "{}",
         json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
                "subscribers": a.subscribers, "publishers": publishers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
                "deliveries": got, "expected": expected, "per_s": per_s, "lost": lost, "duplicates": dups,
                "refused": refused, "closed_by_server": closes, "latency": pct(&lat), "server_cpu_s": node_cpu,
-               "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us})
+               "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us,
+               "history_size": a.history_size, "redis_cpu_s": redis_cpu, "redis_us_per_publish": redis_us})
     );
     Ok(())
 }
