@@ -224,3 +224,68 @@ impl HttpConn {
         Ok(status)
     }
 }
+
+/// Redis's own accounting, from `INFO`: process CPU (user + sys, µs
+/// precision, unlike `/proc`'s 10 ms ticks) and the time spent inside
+/// commands (`commandstats`), total and per command.
+#[derive(Clone, Default)]
+pub struct RedisCpu {
+    pub cpu_s: f64,
+    pub cmd_us: u64,
+    pub by_cmd: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl RedisCpu {
+    pub async fn read(redis: &RedisServer) -> anyhow::Result<RedisCpu> {
+        let mut c = redis.conn().await;
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await?;
+        let mut r = RedisCpu::default();
+        for line in info.lines() {
+            let Some((k, v)) = line.trim().split_once(':') else {
+                continue;
+            };
+            match k {
+                "used_cpu_user" | "used_cpu_sys" => r.cpu_s += v.parse::<f64>().unwrap_or(0.0),
+                _ => {
+                    let Some(name) = k.strip_prefix("cmdstat_") else {
+                        continue;
+                    };
+                    let field = |f: &str| {
+                        v.split(',')
+                            .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .unwrap_or(0)
+                    };
+                    let (calls, usec) = (field("calls"), field("usec"));
+                    r.cmd_us += usec;
+                    r.by_cmd.insert(name.to_string(), (calls, usec));
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// What happened between `before` and `self`: CPU seconds, command µs,
+    /// and (calls, µs) of each command that ran.
+    pub fn since(&self, before: &RedisCpu) -> (f64, u64, Value) {
+        let mut cmds = serde_json::Map::new();
+        for (name, (calls, usec)) in &self.by_cmd {
+            let (c0, u0) = before.by_cmd.get(name).copied().unwrap_or((0, 0));
+            if calls > &c0 {
+                cmds.insert(
+                    name.clone(),
+                    json!({"calls": calls - c0, "usec": usec - u0}),
+                );
+            }
+        }
+        (
+            self.cpu_s - before.cpu_s,
+            self.cmd_us.saturating_sub(before.cmd_us),
+            Value::Object(cmds),
+        )
+    }
+}
