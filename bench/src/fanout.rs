@@ -10,8 +10,8 @@ use switchboard_client::{Incoming, Socket};
 use switchboard_testkit::{NodeProcess, RedisServer, mint};
 
 use crate::shared::{
-    API_KEY, HttpConn, SECRET, cluster_of, cpu_seconds, database, hist, node_binary, pct, rss_kib,
-    self_cpu,
+    API_KEY, HttpConn, RedisCpu, SECRET, cluster_of, cpu_seconds, database, hist, node_binary, pct,
+    rss_kib, self_cpu,
 };
 
 #[derive(clap::Args)]
@@ -35,6 +35,10 @@ pub struct Args {
     /// one request in flight; together they keep to `rate`.
     #[arg(long, default_value_t = 1)]
     publishers: usize,
+    /// `HISTORY_SIZE` of the nodes (default: the server's, 1000; 0 = history
+    /// off, a plain PUBLISH per room instead of the append script).
+    #[arg(long)]
+    history_size: Option<usize>,
     /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
     #[arg(long)]
     server: Option<PathBuf>,
@@ -49,14 +53,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Some(p) => p,
         None => node_binary()?,
     };
-    let nodes = cluster_of(
-        &bin,
-        a.nodes,
-        &redis,
-        &db_url,
-        &[("SEND_QUEUE_LEN", "4096".into())],
-    )
-    .await?;
+    let mut extra = vec![("SEND_QUEUE_LEN", "4096".to_string())];
+    if let Some(h) = a.history_size {
+        extra.push(("HISTORY_SIZE", h.to_string()));
+    }
+    let nodes = cluster_of(&bin, a.nodes, &redis, &db_url, &extra).await?;
     let admin = mint(SECRET, json!({"sub": 1, "role": "admin"}));
     let driver = mint(SECRET, json!({"sub": 7, "role": "driver", "city_id": 1}));
     // Drivers listen on driver-7; everyone else on admin-orders.
@@ -130,6 +131,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .map(|p| cpu_seconds(*p).unwrap_or(0.0))
         .collect();
     let my0 = self_cpu();
+    // Redis's background (the nodes' health checks, heartbeats and offer
+    // clocks) over an idle second, to tell it from the publishes' share.
+    let idle0 = (Instant::now(), RedisCpu::read(&redis).await?);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle1 = RedisCpu::read(&redis).await?;
+    let idle_secs = idle0.0.elapsed().as_secs_f64();
+    let (idle_cpu, idle_cmd_us, _) = idle1.since(&idle0.1);
+    let redis0 = RedisCpu::read(&redis).await?;
+    let redis_t0 = Instant::now();
     // Publishers: paced (publish `seq` is due at (seq-1)/rate), each with
     // one kept-alive connection per node, round-robin over the nodes;
     // publisher j sends the publishes with seq ≡ j (mod publishers).
@@ -201,6 +211,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             .count() as u64;
     }
     let my_cpu = self_cpu() - my0;
+    let (redis_cpu, redis_cmd_us, redis_cmds) = RedisCpu::read(&redis).await?.since(&redis0);
+    let redis_secs = redis_t0.elapsed().as_secs_f64();
     let node_cpu: f64 = pids
         .iter()
         .zip(&cpu0)
@@ -208,11 +220,21 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .sum();
     let peak_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).0).collect();
     let expected = accepted.iter().filter(|x| **x).count() as u64 * a.subscribers as u64;
+    let history = a
+        .history_size
+        .map_or_else(|| "server default".to_string(), |h| h.to_string());
     let per_s = got as f64 / publish_secs;
     let server_us = node_cpu * 1e6 / got.max(1) as f64;
     let loadgen_us = my_cpu * 1e6 / got.max(1) as f64;
+    let accepted_n = accepted.iter().filter(|x| **x).count() as u64;
+    let redis_us = redis_cpu * 1e6 / accepted_n.max(1) as f64;
+    // Minus the idle background over the same time.
+    let redis_net_us =
+        (redis_cpu - idle_cpu / idle_secs * redis_secs).max(0.0) * 1e6 / accepted_n.max(1) as f64;
+    let redis_cmd_net = redis_cmd_us as f64 - idle_cmd_us as f64 / idle_secs * redis_secs;
+    let redis_cmd_per_publish = redis_cmd_net.max(0.0) / accepted_n.max(1) as f64;
     println!(
-        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s by {} publisher(s) for {:.1} s, payload {} B, server {}",
+        "fanout: {} subscribers on {} nodes ({}), {} publishes at {}/s by {} publisher(s) for {:.1} s, payload {} B, server {}, history {history}",
         a.subscribers,
         a.nodes,
         a.path,
@@ -231,12 +253,20 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "  server CPU {node_cpu:.2} s = {server_us:.2} µs/delivery; peak RSS per node {peak_rss:?} KiB; loadgen CPU {loadgen_us:.2} µs/delivery"
     );
     println!(
+        "  redis CPU {redis_cpu:.2} s = {redis_us:.1} µs/publish ({redis_net_us:.1} without its idle background of {:.1} ms/s); inside commands {redis_cmd_per_publish:.1} µs/publish",
+        idle_cpu / idle_secs * 1e3
+    );
+    println!("  redis commands: {redis_cmds}");
+    println!(
         "{}",
         json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
                "subscribers": a.subscribers, "publishers": publishers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
                "deliveries": got, "expected": expected, "per_s": per_s, "lost": lost, "duplicates": dups,
                "refused": refused, "closed_by_server": closes, "latency": pct(&lat), "server_cpu_s": node_cpu,
-               "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us})
+               "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us,
+               "history_size": a.history_size, "redis_cpu_s": redis_cpu, "redis_us_per_publish": redis_us,
+               "redis_net_us_per_publish": redis_net_us, "redis_idle_cpu_ms_per_s": idle_cpu / idle_secs * 1e3,
+               "redis_cmd_us_per_publish": redis_cmd_per_publish, "redis_commands": redis_cmds})
     );
     Ok(())
 }

@@ -15,6 +15,10 @@
 //!   server CPU per delivery and peak RSS, and the loadgen's own CPU cost.
 //! - `connections`: N idle sockets over K nodes; RSS per socket, idle CPU.
 //! - `churn`: connect + authenticate + first message, per second.
+//! - `recovery`: S sockets over the three dialects and K nodes, publishers
+//!   numbering events, a fault (a node SIGKILLed, or a rolling restart);
+//!   sockets resume with `since` elsewhere; every acknowledged event must
+//!   arrive exactly once, in order per room (SPEC §10).
 //!
 //! One module per scenario; `shared` holds what they have in common. Nodes
 //! are processes of the workspace's `switchboard` binary, found beside this
@@ -26,6 +30,7 @@ mod connections;
 mod expiry;
 mod fanout;
 mod locations;
+mod recovery;
 mod shared;
 
 use clap::{Parser, Subcommand};
@@ -66,6 +71,8 @@ enum Cmd {
     },
     /// Fan-out through Redis: S subscribers over N nodes, publishes at R/s.
     Fanout(fanout::Args),
+    /// History and recovery under a fault: lost, duplicated, out of order.
+    Recovery(recovery::Args),
     /// Idle sockets: RSS and CPU per socket.
     Connections {
         #[arg(long, default_value_t = 3)]
@@ -138,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                 database_url,
             } => expiry::run(nodes, offers, timeout_secs, database_url).await,
             Cmd::Fanout(args) => fanout::run(args).await,
+            Cmd::Recovery(args) => recovery::run(args).await,
             Cmd::Connections {
                 nodes,
                 sockets,

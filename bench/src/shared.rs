@@ -96,30 +96,45 @@ pub async fn cluster_of(
 ) -> anyhow::Result<Vec<NodeProcess>> {
     let mut nodes = Vec::new();
     for i in 0..k {
-        let mut env = vec![
-            ("REDIS_URL", redis.url()),
-            ("DATABASE_URL", db_url.to_string()),
-            ("JWT_SECRET", String::from_utf8_lossy(SECRET).into_owned()),
-            ("API_KEYS", API_KEY.to_string()),
-            ("NODE_ID", format!("lg{i}")),
-        ];
-        env.extend(extra.iter().cloned());
         // The first node migrates; the others start after it.
+        let env = node_env(&format!("lg{i}"), redis, db_url, extra);
         nodes.push(NodeProcess::start(bin, &env).await);
     }
     for n in &nodes {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !matches!(
-            http(n.addr, "GET", "/readyz", &[], None).await,
-            Ok((200, _))
-        ) {
-            if Instant::now() > deadline {
-                bail!("node {} never became ready", n.addr);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(n.addr, Duration::from_secs(30)).await?;
     }
     Ok(nodes)
+}
+
+/// The environment of a loadgen node: Redis, database, the shared secret and
+/// API key, its `NODE_ID`, then `extra`.
+pub fn node_env<'a>(
+    node_id: &str,
+    redis: &RedisServer,
+    db_url: &str,
+    extra: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
+    let mut env = vec![
+        ("REDIS_URL", redis.url()),
+        ("DATABASE_URL", db_url.to_string()),
+        ("JWT_SECRET", String::from_utf8_lossy(SECRET).into_owned()),
+        ("API_KEYS", API_KEY.to_string()),
+        ("NODE_ID", node_id.to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
+/// Waits until `GET /readyz` answers 200 (Redis and the database reachable).
+pub async fn wait_ready(addr: std::net::SocketAddr, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !matches!(http(addr, "GET", "/readyz", &[], None).await, Ok((200, _))) {
+        if Instant::now() > deadline {
+            bail!("node {addr} never became ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Peak and current resident memory of a process, in KiB (VmHWM, VmRSS).
@@ -207,5 +222,70 @@ impl HttpConn {
         use http_body_util::BodyExt;
         let _ = resp.into_body().collect().await;
         Ok(status)
+    }
+}
+
+/// Redis's own accounting, from `INFO`: process CPU (user + sys, µs
+/// precision, unlike `/proc`'s 10 ms ticks) and the time spent inside
+/// commands (`commandstats`), total and per command.
+#[derive(Clone, Default)]
+pub struct RedisCpu {
+    pub cpu_s: f64,
+    pub cmd_us: u64,
+    pub by_cmd: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl RedisCpu {
+    pub async fn read(redis: &RedisServer) -> anyhow::Result<RedisCpu> {
+        let mut c = redis.conn().await;
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await?;
+        let mut r = RedisCpu::default();
+        for line in info.lines() {
+            let Some((k, v)) = line.trim().split_once(':') else {
+                continue;
+            };
+            match k {
+                "used_cpu_user" | "used_cpu_sys" => r.cpu_s += v.parse::<f64>().unwrap_or(0.0),
+                _ => {
+                    let Some(name) = k.strip_prefix("cmdstat_") else {
+                        continue;
+                    };
+                    let field = |f: &str| {
+                        v.split(',')
+                            .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .unwrap_or(0)
+                    };
+                    let (calls, usec) = (field("calls"), field("usec"));
+                    r.cmd_us += usec;
+                    r.by_cmd.insert(name.to_string(), (calls, usec));
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// What happened between `before` and `self`: CPU seconds, command µs,
+    /// and (calls, µs) of each command that ran.
+    pub fn since(&self, before: &RedisCpu) -> (f64, u64, Value) {
+        let mut cmds = serde_json::Map::new();
+        for (name, (calls, usec)) in &self.by_cmd {
+            let (c0, u0) = before.by_cmd.get(name).copied().unwrap_or((0, 0));
+            if calls > &c0 {
+                cmds.insert(
+                    name.clone(),
+                    json!({"calls": calls - c0, "usec": usec - u0}),
+                );
+            }
+        }
+        (
+            self.cpu_s - before.cpu_s,
+            self.cmd_us.saturating_sub(before.cmd_us),
+            Value::Object(cmds),
+        )
     }
 }
