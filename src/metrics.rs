@@ -43,8 +43,8 @@ pub const HISTORY_DUPLICATES: &str = "switchboard_history_duplicates_total";
 /// Every metric name the server exports: what `grafana/dashboard.json`,
 /// `grafana/alerts.yml` and `tests/ops.rs` check their queries against. A
 /// histogram is listed once by its base name (Prometheus adds `_bucket`,
-/// `_sum` and `_count`). A metric appears on `/metrics` once it was first
-/// recorded, so a fresh node shows only part of this list.
+/// `_sum` and `_count`). Every one is on `/metrics` from the first scrape
+/// (zero-valued series, see `zero_series`).
 pub const ALL: &[&str] = &[
     SOCKETS_OPEN,
     SOCKETS_OPENED,
@@ -106,9 +106,104 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Series that exist from the first scrape with value 0, so a dashboard or
-/// an alert over them never sees "no data" on a fresh node.
+/// Series that exist from the first scrape with value 0, for every metric
+/// and every known value of its labels, so a dashboard or an alert over them
+/// never sees "no data" on a fresh node (SPEC §11). Histograms are
+/// registered empty. HTTP series exist for the probes' and the scrape's own
+/// routes; others (route × status) appear with their first request, since
+/// their statuses are not a closed list.
 fn zero_series() {
+    const DIALECTS: [&str; 3] = ["rooms", "events", "driver"];
+    const KINDS: [&str; 9] = [
+        "order_created",
+        "order_updated",
+        "order_deleted",
+        "offer_made",
+        "offer_ended",
+        "driver_location",
+        "bonus_updated",
+        "sync",
+        "custom",
+    ];
+    // The socket-level codes (README "Sockets"); rule errors from the
+    // domain appear with their first use.
+    const WS_ERROR_CODES: [&str; 15] = [
+        "bad_json",
+        "bad_message",
+        "unknown_type",
+        "binary_not_supported",
+        "frame_too_large",
+        "bad_frame",
+        "join_refused",
+        "forbidden",
+        "unauthorized",
+        "broker_unavailable",
+        "unavailable",
+        "bad_since",
+        "rate_limited",
+        "too_many_rooms",
+        "frame_timeout",
+    ];
+    const MESSAGE_TYPES: [&str; 5] = ["ping", "join-room", "leave-room", "location", "invalid"];
+    const REDIS_OPS: [&str; 13] = [
+        "publish",
+        "subscribe",
+        "heartbeat",
+        "geo_put",
+        "geo_nearest",
+        "geo_pos",
+        "driver_status",
+        "offer_schedule",
+        "offer_seed",
+        "offer_claim",
+        "offer_cancel",
+        "offer_done",
+        "history_read",
+    ];
+    for d in DIALECTS {
+        metrics::gauge!(SOCKETS_OPEN, "dialect" => d).increment(0.0);
+        metrics::counter!(SOCKETS_OPENED, "dialect" => d).increment(0);
+        metrics::counter!(SLOW_CONSUMERS, "dialect" => d).increment(0);
+        metrics::counter!(RATE_LIMITED, "dialect" => d).increment(0);
+        for t in MESSAGE_TYPES {
+            metrics::counter!(WS_MESSAGES_IN, "dialect" => d, "type" => t).increment(0);
+        }
+        for k in KINDS {
+            metrics::counter!(WS_MESSAGES_OUT, "dialect" => d, "kind" => k).increment(0);
+        }
+        for code in WS_ERROR_CODES {
+            metrics::counter!(WS_ERRORS, "dialect" => d, "code" => code).increment(0);
+        }
+    }
+    for op in REDIS_OPS {
+        metrics::counter!(REDIS_ERRORS, "op" => op).increment(0);
+        let _ = metrics::histogram!(REDIS_DURATION, "op" => op);
+    }
+    for c in [
+        BROKER_PUBLISHED,
+        BROKER_RECEIVED,
+        BROKER_RECONNECTS,
+        DRIVER_LOCATIONS,
+    ] {
+        metrics::counter!(c).increment(0);
+    }
+    for outcome in ["made", "accepted", "declined", "expired", "no_driver"] {
+        metrics::counter!(OFFERS, "outcome" => outcome).increment(0);
+    }
+    for h in [DELIVERY_LATENCY, DISPATCH_DURATION, SYNC_LATENCY] {
+        let _ = metrics::histogram!(h);
+    }
+    for status in ["pending", "delivering", "failed"] {
+        metrics::gauge!(SYNC_JOBS, "status" => status).increment(0.0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(SYNC_ATTEMPTS, "result" => result).increment(0);
+    }
+    metrics::counter!(SYNC_DELIVERED).increment(0);
+    metrics::counter!(SYNC_FAILED).increment(0);
+    metrics::gauge!(READY).increment(0.0);
+    metrics::gauge!(OUTBOX_PENDING).increment(0.0);
+    metrics::counter!(OUTBOX_RELAYED).increment(0);
     for outcome in [
         "recovered",
         "epoch_changed",
@@ -119,14 +214,21 @@ fn zero_series() {
         metrics::counter!(RECOVERIES, "outcome" => outcome).increment(0);
     }
     metrics::counter!(REPLAYED).increment(0);
-    for dialect in ["rooms", "events", "driver"] {
-        metrics::counter!(RATE_LIMITED, "dialect" => dialect).increment(0);
-    }
     for reason in ["max_connections", "draining"] {
         metrics::counter!(UPGRADES_REJECTED, "reason" => reason).increment(0);
     }
     metrics::counter!(LOCATIONS_COALESCED).increment(0);
     metrics::counter!(HISTORY_DUPLICATES).increment(0);
+    // The probes' and the scrape's own routes.
+    for (route, status) in [
+        ("/metrics", "200"),
+        ("/readyz", "200"),
+        ("/readyz", "503"),
+        ("/healthz", "200"),
+    ] {
+        metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(0);
+        let _ = metrics::histogram!(HTTP_DURATION, "route" => route, "status" => status);
+    }
 }
 
 fn describe() {

@@ -85,7 +85,13 @@ pub async fn serve(
         Ok(id) => id,
         Err(e) => {
             let msg = e.to_string();
-            Box::pin(refuse(&outbox, close_code::UNAUTHORIZED, "unauthorized", &msg)).await;
+            Box::pin(refuse(
+                &outbox,
+                close_code::UNAUTHORIZED,
+                "unauthorized",
+                &msg,
+            ))
+            .await;
             return;
         }
     };
