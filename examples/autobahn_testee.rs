@@ -1,4 +1,4 @@
-//! The Autobahn TestSuite's echo testee (see `src/testee.rs`):
+//! The Autobahn TestSuite's echo testee (see `src/ws/testee.rs`):
 //! `autobahn_testee [ADDR]` (default 127.0.0.1:9001), messages up to 16 MiB.
 
 #[tokio::main]
@@ -9,5 +9,5 @@ async fn main() -> std::io::Result<()> {
         .parse()
         .expect("ADDR is host:port");
     eprintln!("autobahn testee on ws://{addr}");
-    switchboard::testee::run(addr, 16 * 1024 * 1024).await
+    switchboard::ws::testee::run(addr, 16 * 1024 * 1024).await
 }

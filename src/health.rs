@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
-use crate::app::App;
 use crate::metrics as m;
+use crate::node::app::App;
 use crate::redis_conn::RedisError;
 
 const PERIOD: Duration = Duration::from_secs(1);

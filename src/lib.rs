@@ -8,34 +8,29 @@
 //!
 //! Layers point one way (ARCHITECTURE.md; `tests/layering.rs` enforces it):
 //! - edges: [`node`] wires everything and owns the drain; `http` the API;
-//!   `ws` endpoints and the socket task; `health`; `app` the edges' state.
-//! - rules: `domain` (orders, bonuses, sync; `Ctx`, `DomainError`) and
-//!   `dispatch` (drivers, offers, deadlines).
+//!   `ws` endpoints and the socket task; `health`; `node::app` the edges' state.
+//! - rules: `domain` (orders, bonuses, sync, `dispatch`; `Ctx`, `DomainError`).
 //! - infrastructure: `hub` (this node's sockets), [`broker`], `store` (the
-//!   database), `dispatch::index`, `dispatch::clock`, `redis_conn`, [`auth`],
+//!   database), `index`, `clock`, `redis_conn`, [`auth`],
 //!   `ws::outbox`.
 //! - leaves: [`event`], [`config`], [`metrics`], [`ws::dialect`],
 //!   `ws::frame`, `lock`.
 
-mod app;
 pub mod auth;
 pub mod broker;
+mod clock;
 pub mod config;
-mod dispatch;
 mod domain;
 pub mod event;
 mod health;
 mod http;
 mod hub;
+mod index;
 mod lock;
 pub mod metrics;
 pub mod node;
 mod redis_conn;
 mod store;
-/// The Autobahn echo testee (`scripts/autobahn`); not part of the product.
-#[cfg(feature = "autobahn")]
-#[doc(hidden)]
-pub mod testee;
 pub mod ws;
 
 pub use config::Config;

@@ -3,7 +3,7 @@
 //! "Layers").
 //!
 //! Each file belongs to the longest unit of [`UNITS`] that prefixes its
-//! module path (`src/dispatch/index/redis.rs` is `dispatch::index`). Units
+//! module path (`src/index/redis.rs` is `index`). Units
 //! are listed top to bottom: a unit may use itself and the units listed
 //! after it, never one listed before it. Because the list is one total
 //! order, a cycle between units cannot pass either. A module missing from
@@ -15,24 +15,24 @@ use std::path::{Path, PathBuf};
 /// (unit, layer), top to bottom.
 const UNITS: &[(&str, &str)] = &[
     // Edges: parse, authorize, render errors; wire the node.
-    ("testee", "edges"),
+    ("ws::testee", "edges"),
     ("node", "edges"),
     ("health", "edges"),
     ("http", "edges"),
     ("ws", "edges"),
-    ("app", "edges"),
-    // Rules: the order services call the dispatcher; both share domain's
-    // Ctx, DomainError and model.
+    ("node::app", "edges"),
+    // Rules, one top-level module: the order services call the dispatcher;
+    // both share domain's Ctx, DomainError and model.
     ("domain::orders", "rules"),
     ("domain::sync", "rules"),
     ("domain::bonuses", "rules"),
-    ("dispatch", "rules"),
+    ("domain::dispatch", "rules"),
     ("domain", "rules"),
     // Infrastructure: sockets, brokers, storage, seams.
     ("hub", "infrastructure"),
     ("broker", "infrastructure"),
-    ("dispatch::index", "infrastructure"),
-    ("dispatch::clock", "infrastructure"),
+    ("index", "infrastructure"),
+    ("clock", "infrastructure"),
     ("store", "infrastructure"),
     ("redis_conn", "infrastructure"),
     ("auth", "infrastructure"),

@@ -14,6 +14,7 @@
 //!   positions, `/api/publish`, sync results) go out by [`Ctx::publish`].
 
 pub mod bonuses;
+pub mod dispatch;
 pub mod model;
 pub mod orders;
 pub mod relay;
@@ -26,10 +27,10 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 
 use crate::broker::{AnyBroker, Broker, BrokerError};
+use crate::clock::{AnyClock, ClockError};
 use crate::config::Config;
-use crate::dispatch::clock::{AnyClock, ClockError};
-use crate::dispatch::index::{AnyIndex, IndexError};
 use crate::event::Event;
+use crate::index::{AnyIndex, IndexError};
 use crate::store::StoreError;
 
 /// What the rules read from the configuration, and nothing else.

@@ -13,7 +13,7 @@ use super::model::{
 };
 use super::{Ctx, DomainError, bonuses};
 use crate::auth::Identity;
-use crate::dispatch;
+use crate::domain::dispatch;
 use crate::event::{Event, EventKind, valid_point};
 use crate::store::{self, NewOrder, Order, OrderChanges};
 

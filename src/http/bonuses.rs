@@ -8,8 +8,8 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{ApiError, Page, Resp, identity, json_response, query};
-use crate::app::App;
 use crate::event::{iso, money};
+use crate::node::app::App;
 use crate::store;
 
 pub async fn me(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {

@@ -9,9 +9,9 @@ use hyper::{Response, StatusCode};
 use serde_json::json;
 
 use super::{ApiError, Resp, json_response};
-use crate::app::App;
 use crate::auth::{Role, claims_for};
 use crate::config::JwtKey;
+use crate::node::app::App;
 
 const INDEX: &str = include_str!("../../clients/dashboard/index.html");
 const APP: &str = include_str!("../../clients/dashboard/app.js");

@@ -9,11 +9,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, Resp, empty, id_segment, identity, json_response, read_json};
-use crate::app::App;
 use crate::auth::{Identity, Role};
-use crate::dispatch;
+use crate::domain::dispatch;
 use crate::domain::model::order_json;
 use crate::event::Position;
+use crate::node::app::App;
 
 fn driver<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
     let who = identity(app, req)?;

@@ -20,10 +20,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::app::App;
 use crate::auth::Identity;
 use crate::domain::DomainError;
 use crate::metrics as m;
+use crate::node::app::App;
 
 pub type Resp = Response<Full<Bytes>>;
 

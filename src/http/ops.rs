@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Resp, empty, identity, json_response, read_json};
-use crate::app::App;
 use crate::event::{Event, EventKind, room};
+use crate::node::app::App;
 
 pub fn index(app: &App) -> Resp {
     json_response(

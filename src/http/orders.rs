@@ -9,12 +9,12 @@ use hyper::{Request, StatusCode};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, Page, Resp, empty, id_segment, identity, json_response, query, read_json};
-use crate::app::App;
 use crate::auth::{Identity, Role};
-use crate::dispatch;
+use crate::domain::dispatch;
 use crate::domain::model::{order_json, pickup, scope_of};
 use crate::domain::orders::{self as domain, OrderDraft, visible_order};
 use crate::event::iso;
+use crate::node::app::App;
 use crate::store;
 
 fn field<'a>(body: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {

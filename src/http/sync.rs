@@ -7,8 +7,8 @@ use hyper::{Request, StatusCode};
 use serde_json::{Value, json};
 
 use super::{ApiError, Page, Resp, id_segment, identity, json_response, query};
-use crate::app::App;
 use crate::event::iso;
+use crate::node::app::App;
 use crate::store::{self, SyncJob};
 
 fn job_json(j: &SyncJob) -> Value {

@@ -26,11 +26,11 @@ use super::assemble::{Assembler, Step};
 use super::dialect::{Command, Dialect, Reply};
 use super::frame::{self, DecodeError};
 use super::outbox::{Outbox, close_code};
-use crate::app::App;
 use crate::auth::{AuthError, Identity, Role};
 use crate::broker::{Broker, Replay};
 use crate::event::{Event, Recovery, StreamPos};
 use crate::metrics as m;
+use crate::node::app::App;
 
 /// Frames above `MAX_FRAME_BYTES` but below this are read, refused with an
 /// error, and the socket goes on; above it the stream cannot be resynced

@@ -6,6 +6,10 @@ pub(crate) mod conn;
 pub mod dialect;
 pub(crate) mod frame;
 pub(crate) mod outbox;
+/// The Autobahn echo testee (`scripts/autobahn`); not part of the product.
+#[cfg(feature = "autobahn")]
+#[doc(hidden)]
+pub mod testee;
 
 use std::sync::Arc;
 
@@ -14,7 +18,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
-use crate::app::App;
+use crate::node::app::App;
 use dialect::Dialect;
 
 /// The dialect served at `path`, and a token carried in the path (driver

@@ -14,9 +14,6 @@
 //! used before and after it. A re-dispatch that follows a committed change
 //! ([`dispatch_committed`]) only logs its failure.
 
-pub mod clock;
-pub mod index;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,13 +23,13 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
+use crate::clock::OfferClock;
 use crate::domain::model::{ASSIGNABLE, awaits_driver, offer_json, pickup, updated_event};
 use crate::domain::{Ctx, DomainError};
 use crate::event::{Event, EventKind, Position, iso, iso_now, room};
+use crate::index::{DriverIndex, Nearby};
 use crate::metrics as m;
 use crate::store::{self, Offer, Order};
-use clock::OfferClock;
-use index::{DriverIndex, Nearby};
 
 pub const EXPIRED_MESSAGE: &str = "Order expired or reassigned to another driver";
 
@@ -46,7 +43,7 @@ fn offer_deadline(ctx: &Ctx) -> chrono::DateTime<Utc> {
 fn pickup_distance(order: &Order, driver: Option<(f64, f64)>) -> Option<f64> {
     let (lat, lon) = pickup(order)?;
     let (dlat, dlon) = driver?;
-    Some(index::haversine_km(lat, lon, dlat, dlon))
+    Some(crate::event::haversine_km(lat, lon, dlat, dlon))
 }
 
 fn deadline_ms(o: &Offer) -> i64 {

@@ -5,6 +5,8 @@
 //! [`Config`], binds the listener and returns; tests start several nodes in
 //! one process this way.
 
+pub(crate) mod app;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -17,18 +19,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{App, Health};
 use crate::auth::Verifier;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{AnyBroker, Broker, BrokerError};
+use crate::clock::{AnyClock, MemoryClock, RedisClock};
 use crate::config::Config;
-use crate::dispatch::clock::{AnyClock, MemoryClock, RedisClock};
-use crate::dispatch::index::{AnyIndex, MemoryIndex, RedisIndex};
 use crate::domain::{Ctx, Rules};
 use crate::event::{Event, iso_now};
 use crate::hub::Hub;
+use crate::index::{AnyIndex, MemoryIndex, RedisIndex};
 use crate::metrics as m;
+use crate::node::app::{App, Health};
 use crate::redis_conn::RedisError;
 
 #[derive(Debug, thiserror::Error)]
@@ -145,13 +147,16 @@ impl Node {
         });
         crate::health::check_once(&app).await;
         tokio::spawn(crate::health::run(app.clone()));
-        match crate::dispatch::reseed(&ctx).await {
+        match crate::domain::dispatch::reseed(&ctx).await {
             Ok(n) if n > 0 => tracing::info!(offers = n, "re-seeded open offer deadlines"),
             Ok(_) => {}
             // The clock's database sweep catches these up once Redis is back.
             Err(e) => tracing::warn!(error = %e, "could not re-seed offer deadlines"),
         }
-        tokio::spawn(crate::dispatch::run_clock(ctx.clone(), app.stop.clone()));
+        tokio::spawn(crate::domain::dispatch::run_clock(
+            ctx.clone(),
+            app.stop.clone(),
+        ));
         if ctx.sync_on() {
             tokio::spawn(crate::domain::sync::run(ctx.clone(), app.stop.clone()));
         }

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Identity, Verifier};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
-use crate::dispatch;
+use crate::domain::dispatch;
 use crate::domain::{Ctx, DomainError};
 use crate::event::{Position, iso_now};
 use crate::hub::Hub;
