@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Broker, BrokerError, Replay, Sink, new_epoch};
+use super::{Broker, BrokerError, Replay, Sink, judge, new_epoch};
 use crate::config::HistoryConfig;
 use crate::event::{Event, StreamPos};
 use crate::lock::lock;
@@ -158,25 +158,4 @@ impl Broker for MemoryBroker {
             .collect();
         Ok(Some(judge(since, log.pos(), events)))
     }
-}
-
-/// The all-or-nothing rule of a resume, given the room's position now and
-/// the events its history still holds after `since` (oldest first).
-pub(super) fn judge(since: &StreamPos, now: StreamPos, events: Vec<(u64, Event)>) -> Replay {
-    if since.epoch != now.epoch || since.offset > now.offset {
-        return Replay::NotRecovered {
-            reason: "epoch_changed",
-            pos: now,
-        };
-    }
-    let complete = since.offset == now.offset
-        || (events.first().map(|(o, _)| *o) == Some(since.offset + 1)
-            && events.last().map(|(o, _)| *o) == Some(now.offset));
-    if !complete {
-        return Replay::NotRecovered {
-            reason: "too_old",
-            pos: now,
-        };
-    }
-    Replay::Recovered { events, pos: now }
 }

@@ -43,6 +43,27 @@ pub enum Replay {
     },
 }
 
+/// The all-or-nothing rule of a resume, given the room's position now and
+/// the events its history still holds after `since` (oldest first).
+pub(crate) fn judge(since: &StreamPos, now: StreamPos, events: Vec<(u64, Event)>) -> Replay {
+    if since.epoch != now.epoch || since.offset > now.offset {
+        return Replay::NotRecovered {
+            reason: "epoch_changed",
+            pos: now,
+        };
+    }
+    let complete = since.offset == now.offset
+        || (events.first().map(|(o, _)| *o) == Some(since.offset + 1)
+            && events.last().map(|(o, _)| *o) == Some(now.offset));
+    if !complete {
+        return Replay::NotRecovered {
+            reason: "too_old",
+            pos: now,
+        };
+    }
+    Replay::Recovered { events, pos: now }
+}
+
 /// A fresh epoch: random, so a history that was lost never comes back with
 /// the same name.
 pub(crate) fn new_epoch() -> String {

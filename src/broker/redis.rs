@@ -300,7 +300,7 @@ impl Broker for RedisBroker {
             return Ok(None);
         }
         let (now, events) = self.read(room, Some(since)).await?;
-        Ok(Some(super::memory::judge(since, now, events)))
+        Ok(Some(super::judge(since, now, events)))
     }
 }
 
