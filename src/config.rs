@@ -104,6 +104,12 @@ pub struct Settings {
     pub dispatch_radius_km: f64,
     #[arg(long, env = "DRIVER_STALE_SECS", default_value_t = 60.0)]
     pub driver_stale_secs: f64,
+    #[arg(long, env = "DISPATCH_COOLDOWN_SECS", default_value_t = 600.0)]
+    pub dispatch_cooldown_secs: f64,
+    #[arg(long, env = "DISPATCH_RETRY_SECS", default_value_t = 15.0)]
+    pub dispatch_retry_secs: f64,
+    #[arg(long, env = "DISPATCH_GIVE_UP_SECS", default_value_t = 3600.0)]
+    pub dispatch_give_up_secs: f64,
     #[arg(long, env = "BONUS_RATE", default_value_t = 0.05)]
     pub bonus_rate: f64,
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65536)]
@@ -245,6 +251,13 @@ pub struct Config {
     pub node_id: String,
     pub dispatch_radius_km: f64,
     pub driver_stale: Duration,
+    /// A driver that declined or let an offer expire is not offered that
+    /// order again for this long.
+    pub dispatch_cooldown: Duration,
+    /// How often orders left without an offer are dispatched again.
+    pub dispatch_retry: Duration,
+    /// After this long since its creation an order is no longer retried.
+    pub dispatch_give_up: Duration,
     pub bonus_rate: f64,
     pub max_frame_bytes: usize,
     pub shutdown_grace: Duration,
@@ -528,6 +541,9 @@ impl Config {
             node_id: s.node_id.filter(|n| !n.is_empty()).unwrap_or_else(hostname),
             dispatch_radius_km: s.dispatch_radius_km,
             driver_stale: secs("DRIVER_STALE_SECS", s.driver_stale_secs)?,
+            dispatch_cooldown: secs("DISPATCH_COOLDOWN_SECS", s.dispatch_cooldown_secs)?,
+            dispatch_retry: secs("DISPATCH_RETRY_SECS", s.dispatch_retry_secs)?,
+            dispatch_give_up: secs("DISPATCH_GIVE_UP_SECS", s.dispatch_give_up_secs)?,
             bonus_rate: s.bonus_rate,
             max_frame_bytes: s.max_frame_bytes,
             shutdown_grace,

@@ -85,19 +85,19 @@ async fn two_node_flow(db: TestDb) {
     assert_eq!(accepted["status"], "accepted");
     assert_eq!(accepted["driver_id"], 102);
 
+    // The first offer made the order `offered` (version 2); moving the
+    // offer from A to B changed nothing admins see; the accept is version 3.
+    let offered = admin_ws.recv_type("ORDER_UPDATED").await;
+    assert_eq!(offered["payload"]["dispatch_status"], "offered");
+    assert_eq!(offered["payload"]["changed"], json!(["dispatch_status"]));
+    assert_eq!(offered["payload"]["version"], 2);
     let upd = admin_ws.recv_type("ORDER_UPDATED").await;
-    let upd = if upd["payload"]["status"] == "accepted" {
-        upd
-    } else {
-        admin_ws.recv_type("ORDER_UPDATED").await
-    };
     assert_eq!(upd["payload"]["status"], "accepted");
-    assert_eq!(upd["payload"]["version"], 2);
-    assert!(
-        upd["payload"]["changed"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("status"))
+    assert_eq!(upd["payload"]["dispatch_status"], "assigned");
+    assert_eq!(upd["payload"]["version"], 3);
+    assert_eq!(
+        upd["payload"]["changed"],
+        json!(["status", "driver_id", "dispatch_status"])
     );
     let st = creator.recv_type("order-status-updated").await;
     assert_eq!(st["data"]["orderId"], id);

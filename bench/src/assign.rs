@@ -47,6 +47,12 @@ pub async fn run(
                 .arg(now_ms)
                 .arg(i + 1)
                 .ignore();
+            // Online (HTTP presence) until then too: the lookup checks it.
+            p.cmd("ZADD")
+                .arg("sb:drivers:http")
+                .arg(now_ms)
+                .arg(i + 1)
+                .ignore();
         }
         p.exec_async(&mut con).await?;
     }

@@ -19,6 +19,9 @@
 //!   numbering events, a fault (a node SIGKILLed, or a rolling restart);
 //!   sockets resume with `since` elsewhere; every acknowledged event must
 //!   arrive exactly once, in order per room (SPEC §10).
+//! - `redispatch`: W orders wait (`no_drivers`); one driver per order comes
+//!   online next to it and reports its position; latency from the position
+//!   sent to `new_order` at that driver (SPEC §5 "No stranded order").
 //!
 //! One module per scenario; `shared` holds what they have in common. Nodes
 //! are processes of the workspace's `switchboard` binary, found beside this
@@ -31,6 +34,7 @@ mod expiry;
 mod fanout;
 mod locations;
 mod recovery;
+mod redispatch;
 mod shared;
 
 use clap::{Parser, Subcommand};
@@ -73,6 +77,8 @@ enum Cmd {
     Fanout(fanout::Args),
     /// History and recovery under a fault: lost, duplicated, out of order.
     Recovery(recovery::Args),
+    /// Waiting orders: a driver becomes eligible → `new_order` latency.
+    Redispatch(redispatch::Args),
     /// Idle sockets: RSS and CPU per socket.
     Connections {
         #[arg(long, default_value_t = 3)]
@@ -146,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             } => expiry::run(nodes, offers, timeout_secs, database_url).await,
             Cmd::Fanout(args) => fanout::run(args).await,
             Cmd::Recovery(args) => recovery::run(args).await,
+            Cmd::Redispatch(args) => redispatch::run(args).await,
             Cmd::Connections {
                 nodes,
                 sockets,

@@ -32,6 +32,24 @@ function cell(text) {
   return td;
 }
 
+const DISPATCH_LABELS = {
+  searching: 'searching',
+  offered: 'offered',
+  assigned: 'assigned',
+  no_drivers: 'no drivers',
+  gave_up: 'gave up',
+  none: '–',
+};
+
+function badge(kind, value, text = value) {
+  const td = cell('');
+  const s = document.createElement('span');
+  s.className = `${kind} ${value}`;
+  s.textContent = text;
+  td.append(s);
+  return td;
+}
+
 function renderRow(o) {
   let tr = document.querySelector(`#orders tr[data-id="${o.id}"]`);
   const fresh = !tr;
@@ -39,14 +57,19 @@ function renderRow(o) {
     tr = document.createElement('tr');
     tr.dataset.id = o.id;
   }
+  const dispatch = o.dispatch_status ?? 'none';
   tr.replaceChildren(
     cell(o.order_code),
-    (() => { const td = cell(''); const s = document.createElement('span'); s.className = `status ${o.status}`; s.textContent = o.status; td.append(s); return td; })(),
+    badge('status', o.status),
+    badge('dispatch', dispatch, DISPATCH_LABELS[dispatch]),
     cell(o.city_id), cell(o.user_id), cell(o.driver_id), cell(o.total), cell(o.version),
     cell(new Date(o.updated_at).toLocaleTimeString()),
   );
   tr.dataset.status = o.status;
+  tr.dataset.dispatch = dispatch;
   tr.dataset.version = o.version;
+  // Nobody is taking these: they must catch the eye (SPEC §5).
+  tr.classList.toggle('stranded', dispatch === 'no_drivers' || dispatch === 'gave_up');
   tr.classList.remove('flash');
   void tr.offsetWidth;
   tr.classList.add('flash');
@@ -103,30 +126,34 @@ function placeAll() {
   for (const [id, p] of client.drivers) place(id, p);
 }
 
+// A marker is one group moved as a whole (`transform`), so its label can
+// never lag behind its dot: the dot sits at the group's origin, the label at
+// a fixed offset from it.
 function place(id, p) {
   let m = document.querySelector(`#markers g[data-driver="${id}"]`);
   if (!m) {
     m = document.createElementNS('http://www.w3.org/2000/svg', 'g');
     m.dataset.driver = id;
+    m.setAttribute('class', 'marker');
     const c = document.createElementNS('http://www.w3.org/2000/svg', 'circle');
     c.setAttribute('r', 7);
     c.setAttribute('class', 'driver');
     c.dataset.driver = id;
     const t = document.createElementNS('http://www.w3.org/2000/svg', 'text');
     t.setAttribute('class', 'label');
+    t.setAttribute('x', 10);
+    t.setAttribute('y', 4);
     t.textContent = `#${id}`;
     m.append(c, t);
     $('#markers').append(m);
   }
   const [x, y] = project(p.latitude, p.longitude);
+  m.style.transform = `translate(${x.toFixed(1)}px, ${y.toFixed(1)}px)`;
+  m.dataset.x = x.toFixed(1);
+  m.dataset.y = y.toFixed(1);
   const c = m.querySelector('circle');
-  c.setAttribute('cx', x.toFixed(1));
-  c.setAttribute('cy', y.toFixed(1));
   c.dataset.lat = p.latitude;
   c.dataset.lon = p.longitude;
-  const t = m.querySelector('text');
-  t.setAttribute('x', (x + 10).toFixed(1));
-  t.setAttribute('y', (y + 4).toFixed(1));
   $('#driver-count').textContent = `${client.drivers.size} seen`;
 }
 

@@ -29,6 +29,9 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub version: i64,
+    /// SPEC §5: `searching`, `offered`, `assigned`, `no_drivers`,
+    /// `gave_up` or `none`.
+    pub dispatch_status: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -8,6 +8,7 @@ mod m20261126_000002_create_sync_jobs;
 mod m20261201_000003_create_event_outbox;
 mod m20261210_000004_money_in_cents;
 mod m20261211_000005_add_order_number;
+mod m20261212_000006_add_dispatch_status;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_create_event_outbox::Migration),
             Box::new(m20261210_000004_money_in_cents::Migration),
             Box::new(m20261211_000005_add_order_number::Migration),
+            Box::new(m20261212_000006_add_dispatch_status::Migration),
         ]
     }
 }

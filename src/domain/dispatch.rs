@@ -1,5 +1,15 @@
-//! The dispatcher: the nearest available driver not yet tried gets an
-//! offer; deadlines live in the [`OfferClock`]; expiry passes the order on.
+//! The dispatcher: the nearest eligible driver (online, available, not
+//! busy, fresh position, not in this order's cooldown) gets an offer;
+//! deadlines live in the [`OfferClock`]; expiry passes the order on.
+//!
+//! No stranded order (SPEC §5): an order left without an offer is marked
+//! `no_drivers` and put in the index's waiting set; it is dispatched again
+//! at once when a driver becomes eligible near it ([`driver_eligible`]: a
+//! position report finds it in the same Redis round trip; coming online,
+//! saying "available" and finishing an order look it up), and by the retry
+//! pass every `DISPATCH_RETRY_SECS` ([`run_retry`], one node at a time
+//! under a lease) until `DISPATCH_GIVE_UP_SECS` after its creation
+//! (`gave_up`).
 //! A rule module like `domain`'s services, below them: it takes the same
 //! [`Ctx`] and uses `domain::model` for the order's shape, never the
 //! order services (which call it).
@@ -27,7 +37,8 @@ use crate::clock::OfferClock;
 use crate::domain::model::{ASSIGNABLE, awaits_driver, offer_json, pickup, updated_event};
 use crate::domain::{Ctx, DomainError};
 use crate::event::{Event, EventKind, Position, iso, iso_now, room};
-use crate::index::{DriverIndex, Nearby};
+use crate::index::{DriverIndex, Nearby, Report, Via};
+use crate::lock::lock;
 use crate::metrics as m;
 use crate::store::{self, Offer, Order};
 
@@ -50,28 +61,46 @@ fn deadline_ms(o: &Offer) -> i64 {
     o.expires_at.timestamp_millis()
 }
 
-/// Offers the order to the nearest available driver not yet tried. Returns
-/// the offer made, or `None` (no pickup point, not dispatchable, already
-/// offered, or nobody left within the radius — admins then get
-/// ORDER_UPDATED).
-pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainError> {
+/// Why a dispatch runs: an admin asked (`POST /api/orders/{id}/dispatch`,
+/// which also revives a `gave_up` order), or the dispatcher itself
+/// (creation, an offer ending, a driver becoming eligible, the retry pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Admin,
+    Auto,
+}
+
+/// Offers the order to the nearest eligible driver. Returns the offer made,
+/// or `None`: no pickup point, not waiting for a driver, already offered,
+/// given up, or nobody eligible within the radius — then the order's
+/// `dispatch_status` becomes `no_drivers` (`ORDER_UPDATED` once, on the
+/// change) and it waits in the index for a driver to become eligible.
+pub async fn dispatch(
+    ctx: &Ctx,
+    order_id: i64,
+    trigger: Trigger,
+) -> Result<Option<Offer>, DomainError> {
     let start = Instant::now();
     let Some(order) = store::get_order(&ctx.db, order_id).await? else {
+        ctx.drivers.unwait_order(order_id).await?;
         return Ok(None);
     };
-    if !awaits_driver(&order) {
-        return Ok(None);
-    }
     let Some((lat, lon)) = pickup(&order) else {
         return Ok(None);
     };
-    if store::open_offer_of_order(&ctx.db, order_id)
-        .await?
-        .is_some()
+    if !awaits_driver(&order)
+        || store::open_offer_of_order(&ctx.db, order_id)
+            .await?
+            .is_some()
     {
+        ctx.drivers.unwait_order(order_id).await?;
         return Ok(None);
     }
-    let tried = store::offered_drivers(&ctx.db, order_id).await?;
+    if trigger == Trigger::Auto && given_up(ctx, &order) {
+        give_up(ctx, &order).await?;
+        return Ok(None);
+    }
+    let cooling = store::offered_drivers(&ctx.db, order_id, Utc::now() - cooldown(ctx)).await?;
     let near = ctx
         .drivers
         .nearest(
@@ -84,7 +113,7 @@ pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainE
         .await?;
     let candidates: Vec<_> = near
         .into_iter()
-        .filter(|n| !tried.contains(&n.driver_id))
+        .filter(|n| !cooling.contains(&n.driver_id))
         .collect();
     let ids: Vec<i64> = candidates.iter().map(|c| c.driver_id).collect();
     let busy = store::unavailable_drivers(&ctx.db, &ids).await?;
@@ -97,7 +126,7 @@ pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainE
             c.distance_km,
             expires,
             &ASSIGNABLE,
-            |offer| vec![offer_made_event(&order, offer)],
+            |offer, changed| offer_made_events(&order, offer, changed),
         )
         .await?
         {
@@ -125,11 +154,46 @@ pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainE
     }
     metrics::histogram!(m::DISPATCH_DURATION).record(start.elapsed().as_secs_f64());
     metrics::counter!(m::OFFERS, "outcome" => "no_driver").increment(1);
-    // Through the outbox like the change it follows (the order's creation,
-    // an offer ending), so admins hear of it after that change, not before.
-    store::enqueue(&ctx.db, vec![updated_event(&order, Vec::new(), None)]).await?;
-    ctx.wake_relay();
+    // Waiting first, then the status: a driver that becomes eligible
+    // between the two still finds the order.
+    ctx.drivers.wait_order(order_id, lat, lon).await?;
+    if store::set_dispatch_status(&ctx.db, order_id, "no_drivers", &ASSIGNABLE, |o| {
+        vec![updated_event(o, vec!["dispatch_status".into()], None)]
+    })
+    .await?
+    .is_some()
+    {
+        ctx.wake_relay();
+    }
     Ok(None)
+}
+
+fn cooldown(ctx: &Ctx) -> chrono::Duration {
+    chrono::Duration::from_std(ctx.rules.dispatch_cooldown).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Whether `DISPATCH_GIVE_UP_SECS` have passed since the order was created.
+fn given_up(ctx: &Ctx, order: &Order) -> bool {
+    let give_up =
+        chrono::Duration::from_std(ctx.rules.dispatch_give_up).unwrap_or(chrono::Duration::MAX);
+    Utc::now() - order.created_at >= give_up
+}
+
+/// The order is no longer offered by itself: `gave_up` (once, with its
+/// `ORDER_UPDATED`), out of the waiting set. An admin's dispatch revives it.
+async fn give_up(ctx: &Ctx, order: &Order) -> Result<(), DomainError> {
+    ctx.drivers.unwait_order(order.id).await?;
+    if store::set_dispatch_status(&ctx.db, order.id, "gave_up", &ASSIGNABLE, |o| {
+        vec![updated_event(o, vec!["dispatch_status".into()], None)]
+    })
+    .await?
+    .is_some()
+    {
+        ctx.wake_relay();
+        metrics::counter!(m::OFFERS, "outcome" => "gave_up").increment(1);
+        tracing::info!(order = order.id, "dispatch gave up");
+    }
+    Ok(())
 }
 
 /// [`dispatch`] after a change that is already committed (an order created,
@@ -137,22 +201,27 @@ pub async fn dispatch(ctx: &Ctx, order_id: i64) -> Result<Option<Offer>, DomainE
 /// being down, is logged instead of turning the committed change into an
 /// error. The clock's 5 s database sweep catches up offers whose deadline
 /// could not be scheduled, and the next dispatch of the order (an admin's
-/// `POST /api/orders/{id}/dispatch`, a later expiry) the rest. A retry timer
-/// for orders left without an offer is to come.
+/// `POST /api/orders/{id}/dispatch`, a later expiry) or the retry pass
+/// ([`run_retry`]) the rest.
 pub async fn dispatch_committed(ctx: &Ctx, order_id: i64) {
-    if let Err(e) = dispatch(ctx, order_id).await {
+    if let Err(e) = dispatch(ctx, order_id, Trigger::Auto).await {
         tracing::warn!(order = order_id, error = %e, "dispatch after commit failed; left for a later dispatch");
     }
 }
 
-/// The driver's `new_order`: the order with the distance and the deadline.
-fn offer_made_event(order: &Order, offer: &Offer) -> Event {
-    let mut order = offer_json(order, offer.distance_km);
-    order["offer_expires_at"] = Value::String(iso(&offer.expires_at));
-    Event::new(
+/// The driver's `new_order` (the order with the distance and the
+/// deadline), and `ORDER_UPDATED` when the order's `dispatch_status`
+/// changed with the offer (`changed`: the order after that change).
+fn offer_made_events(order: &Order, offer: &Offer, changed: Option<&Order>) -> Vec<Event> {
+    let order = changed.unwrap_or(order);
+    let mut json = offer_json(order, offer.distance_km);
+    json["offer_expires_at"] = Value::String(iso(&offer.expires_at));
+    let mut events = vec![Event::new(
         vec![room::driver(offer.driver_id)],
-        EventKind::OfferMade { order },
-    )
+        EventKind::OfferMade { order: json },
+    )];
+    events.extend(changed.map(|o| updated_event(o, vec!["dispatch_status".into()], None)));
+    events
 }
 
 /// After an offer (and its `new_order` event) is committed: wakes the relay
@@ -161,6 +230,7 @@ fn offer_made_event(order: &Order, offer: &Offer) -> Event {
 /// expires it.
 async fn offer_made(ctx: &Ctx, offer: &Offer) {
     ctx.wake_relay();
+    let _ = ctx.drivers.unwait_order(offer.order_id).await;
     metrics::counter!(m::OFFERS, "outcome" => "made").increment(1);
     if let Err(e) = ctx.offers.schedule(offer.id, deadline_ms(offer)).await {
         tracing::warn!(offer = offer.id, error = %e, "offer deadline not scheduled; the database sweep expires it");
@@ -243,7 +313,7 @@ pub async fn assign(ctx: &Ctx, order: &Order, driver_id: i64) -> Result<Offer, D
         distance,
         expires,
         &ASSIGNABLE,
-        |offer| vec![offer_made_event(order, offer)],
+        |offer, changed| offer_made_events(order, offer, changed),
     )
     .await?
     .ok_or_else(|| {
@@ -298,11 +368,11 @@ pub async fn accept(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<Order, D
     }
     let before = store::get_order(&ctx.db, order_id).await?;
     let order = store::accept_offer(&ctx.db, &offer, &ASSIGNABLE, ctx.sync_on(), |order| {
-        vec![updated_event(
-            order,
-            vec!["status".into(), "driver_id".into()],
-            before.map(|b| b.status),
-        )]
+        let mut changed = vec!["status".to_string(), "driver_id".to_string()];
+        if before.as_ref().map(|b| b.dispatch_status.as_str()) != Some("assigned") {
+            changed.push("dispatch_status".into());
+        }
+        vec![updated_event(order, changed, before.map(|b| b.status))]
     })
     .await?
     .ok_or_else(|| {
@@ -329,12 +399,27 @@ pub async fn decline(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<(), Dom
 }
 
 /// A driver's position (socket or HTTP): into the index, then
-/// DRIVER_LOCATION to admins and the driver's city.
-pub async fn driver_location(ctx: &Ctx, who: &Identity, loc: Position) -> Result<(), DomainError> {
-    ctx.drivers
-        .put(who.driver_id, loc.latitude(), loc.longitude())
+/// DRIVER_LOCATION to admins and the driver's city. Orders waiting near
+/// the driver (found in the same Redis round trip) are tried again.
+pub async fn driver_location(
+    ctx: &Arc<Ctx>,
+    who: &Identity,
+    loc: Position,
+) -> Result<(), DomainError> {
+    let waiting = ctx
+        .drivers
+        .put(Report {
+            driver_id: who.driver_id,
+            city_id: who.city_id,
+            lat: loc.latitude(),
+            lon: loc.longitude(),
+            radius_km: ctx.rules.dispatch_radius_km,
+        })
         .await?;
     metrics::counter!(m::DRIVER_LOCATIONS).increment(1);
+    if !waiting.is_empty() {
+        spawn_eligible(ctx, who.driver_id, Some(waiting));
+    }
     let mut rooms = vec![room::ADMIN.to_string()];
     rooms.extend(who.city_id.map(room::city));
     ctx.publish(Event::new(
@@ -351,30 +436,183 @@ pub async fn driver_location(ctx: &Ctx, who: &Identity, loc: Position) -> Result
     .await
 }
 
-/// A driver says it can (or cannot) take offers now.
-pub async fn set_available(ctx: &Ctx, driver_id: i64, available: bool) -> Result<(), DomainError> {
-    Ok(ctx.drivers.set_available(driver_id, available).await?)
+/// A driver says it can (or cannot) take offers now; "can" makes it
+/// eligible for the orders waiting near it.
+pub async fn set_available(
+    ctx: &Arc<Ctx>,
+    driver_id: i64,
+    available: bool,
+) -> Result<(), DomainError> {
+    ctx.drivers.set_available(driver_id, available).await?;
+    if available {
+        spawn_eligible(ctx, driver_id, None);
+    }
+    Ok(())
 }
 
-/// Drivers near a point who could take an offer now (available, fresh, not
-/// holding an offer or an order), nearest first: `GET /api/drivers/nearby`.
+/// How long a driver socket's presence lasts without a refresh: a node that
+/// dies takes its drivers offline within this (SPEC §5: 15 s).
+pub const SOCKET_PRESENCE_TTL: Duration = Duration::from_secs(12);
+/// How often a node refreshes the presence of the drivers whose sockets it
+/// holds.
+pub const PRESENCE_REFRESH: Duration = Duration::from_secs(4);
+
+/// Drivers online `via` a socket on this node or the HTTP API: presence
+/// in the index; those that just came online are eligible for the orders
+/// waiting near them.
+pub async fn drivers_online(ctx: &Arc<Ctx>, ids: &[i64], via: Via) -> Result<(), DomainError> {
+    let ttl = match via {
+        Via::Socket => SOCKET_PRESENCE_TTL,
+        Via::Http => ctx.rules.driver_stale,
+    };
+    for id in ctx.drivers.online(ids, via, ttl).await? {
+        spawn_eligible(ctx, id, None);
+    }
+    Ok(())
+}
+
+/// The driver's last socket on this node closed.
+pub async fn driver_offline(ctx: &Ctx, driver_id: i64) -> Result<(), DomainError> {
+    Ok(ctx.drivers.offline(driver_id).await?)
+}
+
+/// At most one eligibility-triggered dispatch per order per this, per node:
+/// a driver in an order's cooldown reporting its position every second
+/// must not re-run the order's dispatch every second.
+pub const ELIGIBLE_GAP: Duration = Duration::from_millis(500);
+
+fn spawn_eligible(ctx: &Arc<Ctx>, driver_id: i64, waiting: Option<Vec<i64>>) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = driver_eligible(&ctx, driver_id, waiting).await {
+            tracing::debug!(driver = driver_id, error = %e, "re-dispatch for an eligible driver failed; the retry pass catches up");
+        }
+    });
+}
+
+/// A driver became eligible (came online, reported a position, said it is
+/// available, finished an order): the orders waiting near it (`waiting`,
+/// or looked up around its last position) are dispatched again, nearest
+/// first. Each goes to its nearest eligible driver, which may be another.
+pub async fn driver_eligible(
+    ctx: &Ctx,
+    driver_id: i64,
+    waiting: Option<Vec<i64>>,
+) -> Result<(), DomainError> {
+    let waiting = match waiting {
+        Some(w) => w,
+        None => match ctx.drivers.position(driver_id).await? {
+            Some((lat, lon)) => {
+                ctx.drivers
+                    .waiting_near(lat, lon, ctx.rules.dispatch_radius_km)
+                    .await?
+            }
+            None => return Ok(()),
+        },
+    };
+    if waiting.is_empty()
+        || !store::unavailable_drivers(&ctx.db, &[driver_id])
+            .await?
+            .is_empty()
+    {
+        return Ok(());
+    }
+    for order_id in waiting {
+        let due = {
+            let mut tries = lock(&ctx.eligible_tries);
+            let now = Instant::now();
+            if tries.len() > 4096 {
+                tries.retain(|_, t| now.duration_since(*t) < ELIGIBLE_GAP);
+            }
+            match tries.get(&order_id) {
+                Some(t) if now.duration_since(*t) < ELIGIBLE_GAP => false,
+                _ => {
+                    tries.insert(order_id, now);
+                    true
+                }
+            }
+        };
+        if due {
+            dispatch(ctx, order_id, Trigger::Auto).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Drivers near a point who could take an offer now (online, available,
+/// fresh, not holding an offer or an order), nearest first:
+/// `GET /api/drivers/nearby`. `cities` limits them to those cities (a
+/// manager's); `None` shows all.
 pub async fn nearby(
     ctx: &Ctx,
     lat: f64,
     lon: f64,
     radius_km: f64,
     limit: usize,
+    cities: Option<&[i64]>,
 ) -> Result<Vec<Nearby>, DomainError> {
+    let in_scope = |n: &Nearby| cities.is_none_or(|c| n.city_id.is_some_and(|id| c.contains(&id)));
+    // A manager's drivers may be a few among many: look further than
+    // `limit` before the city filter.
+    let fetch = if cities.is_some() {
+        limit * 8 + 32
+    } else {
+        limit
+    };
     let near = ctx
         .drivers
-        .nearest(lat, lon, radius_km, ctx.rules.driver_stale, limit)
+        .nearest(lat, lon, radius_km, ctx.rules.driver_stale, fetch)
         .await?;
+    let near: Vec<Nearby> = near.into_iter().filter(in_scope).collect();
     let ids: Vec<i64> = near.iter().map(|n| n.driver_id).collect();
     let busy = store::unavailable_drivers(&ctx.db, &ids).await?;
     Ok(near
         .into_iter()
         .filter(|n| !busy.contains(&n.driver_id))
+        .take(limit)
         .collect())
+}
+
+/// The lease under which one node at a time runs the retry pass.
+const RETRY_LEASE: &str = "dispatch-retry";
+
+/// Every node runs this; the one holding the lease dispatches again, every
+/// `DISPATCH_RETRY_SECS`, each order waiting for a driver with no open
+/// offer (and gives up those past `DISPATCH_GIVE_UP_SECS`).
+pub async fn run_retry(ctx: Arc<Ctx>, holder: String, stop: CancellationToken) {
+    let period = ctx.rules.dispatch_retry;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.cancelled() => return,
+        }
+        match store::take_lease(&ctx.db, RETRY_LEASE, &holder, period * 2).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "retry lease not taken");
+                continue;
+            }
+        }
+        if let Err(e) = retry_pass(&ctx).await {
+            tracing::warn!(error = %e, "dispatch retry pass failed");
+        }
+    }
+}
+
+/// One retry pass over the orders left without an offer.
+pub async fn retry_pass(ctx: &Ctx) -> Result<usize, DomainError> {
+    let orders = store::orders_awaiting_dispatch(&ctx.db, &ASSIGNABLE, 5000).await?;
+    let n = orders.len();
+    for order in orders {
+        if let Err(e) = dispatch(ctx, order.id, Trigger::Auto).await {
+            tracing::debug!(order = order.id, error = %e, "retry of a waiting order failed");
+            if e.is_unavailable() {
+                return Err(e);
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// Every node runs this: claim due deadlines and expire them; every few

@@ -40,6 +40,9 @@ pub struct Rules {
     pub offer_lease: Duration,
     pub dispatch_radius_km: f64,
     pub driver_stale: Duration,
+    pub dispatch_cooldown: Duration,
+    pub dispatch_retry: Duration,
+    pub dispatch_give_up: Duration,
     pub bonus_rate: f64,
     /// `SWITCHBOARD_FAULT=hang-after-claim` (tests only).
     pub fault_hang_after_claim: bool,
@@ -63,6 +66,9 @@ impl Rules {
             offer_lease: c.offer_lease,
             dispatch_radius_km: c.dispatch_radius_km,
             driver_stale: c.driver_stale,
+            dispatch_cooldown: c.dispatch_cooldown,
+            dispatch_retry: c.dispatch_retry,
+            dispatch_give_up: c.dispatch_give_up,
             bonus_rate: c.bonus_rate,
             fault_hang_after_claim: c.fault_hang_after_claim,
             sync: c.sync_url.clone().map(|url| SyncRules {
@@ -85,6 +91,10 @@ pub struct Ctx {
     pub rules: Rules,
     /// Wakes this node's event relay after a commit wrote outbox rows.
     pub relay: Notify,
+    /// When this node last re-dispatched each waiting order because a
+    /// driver became eligible near it (at most one such try per order per
+    /// [`dispatch::ELIGIBLE_GAP`]).
+    pub(crate) eligible_tries: std::sync::Mutex<std::collections::HashMap<i64, std::time::Instant>>,
 }
 
 impl Ctx {

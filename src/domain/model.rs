@@ -92,6 +92,7 @@ pub fn order_json(o: &Order) -> Value {
         "created_at": iso(&o.created_at),
         "updated_at": iso(&o.updated_at),
         "version": o.version,
+        "dispatch_status": o.dispatch_status,
     })
 }
 

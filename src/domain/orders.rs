@@ -92,6 +92,12 @@ fn validate(d: OrderDraft, bonus_rate: f64) -> Result<NewOrder, DomainError> {
         bonuses_used,
         bonuses_earned: (total as f64 * bonus_rate).round() as i64,
         scheduled_at: d.scheduled_at,
+        dispatch_status: if d.from.is_some() {
+            "searching"
+        } else {
+            "none"
+        }
+        .into(),
     })
 }
 
@@ -167,6 +173,15 @@ async fn apply_fields(
         if changed.is_empty() {
             return Ok(current);
         }
+        let after = changes
+            .status
+            .clone()
+            .unwrap_or_else(|| current.status.clone());
+        let ds = dispatch_status_after(&current, &after);
+        if ds != current.dispatch_status {
+            changes.dispatch_status = Some(ds.to_string());
+            changed.push("dispatch_status".to_string());
+        }
         let old_status = status.as_ref().map(|_| current.status.clone());
         let Some(order) = store::update_order(
             &ctx.db,
@@ -186,6 +201,16 @@ async fn apply_fields(
         ctx.wake_relay();
         if order.status == "cancelled" {
             dispatch::cancel_offers(ctx, order.id, "Order cancelled").await?;
+        }
+        if let Some(d) = order.driver_id
+            && !busy_status(&order.status)
+            && busy_status(&current.status)
+        {
+            // The driver finished (delivered, completed or cancelled): it
+            // is eligible for the orders waiting near it.
+            if let Err(e) = dispatch::driver_eligible(ctx, d, None).await {
+                tracing::debug!(driver = d, error = %e, "re-dispatch for a freed driver failed; the retry pass catches up");
+            }
         }
         return Ok(order);
     }
@@ -220,15 +245,35 @@ pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// Whether an order in `status` keeps its driver busy (SPEC §5).
+fn busy_status(status: &str) -> bool {
+    matches!(status, "accepted" | "picked_up")
+}
+
+/// The `dispatch_status` an order has after its status becomes `status`:
+/// `none` once final (or moved past the point a driver can be assigned
+/// without one), `assigned` with a driver, else unchanged.
+fn dispatch_status_after<'a>(o: &'a Order, status: &str) -> &'a str {
+    if matches!(status, "completed" | "cancelled") {
+        "none"
+    } else if o.driver_id.is_some() {
+        "assigned"
+    } else if !super::model::ASSIGNABLE.contains(&status) {
+        "none"
+    } else {
+        &o.dispatch_status
+    }
+}
+
 /// The order if `who` may see it; 404 otherwise (existence not revealed).
-/// A driver sees orders it was offered.
+/// A driver sees orders it holds an open offer for or is assigned to.
 pub async fn visible_order(ctx: &Ctx, who: &Identity, id: i64) -> Result<Order, DomainError> {
     let not_found = || DomainError::NotFound(format!("order {id} not found"));
     let order = store::get_order(&ctx.db, id).await?.ok_or_else(not_found)?;
     let offered = who.role == crate::auth::Role::Driver
-        && store::offered_drivers(&ctx.db, id)
+        && store::open_offer_of_order(&ctx.db, id)
             .await?
-            .contains(&who.driver_id);
+            .is_some_and(|o| o.driver_id == who.driver_id);
     if visible(who, &order, offered) {
         Ok(order)
     } else {

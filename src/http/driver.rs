@@ -13,19 +13,25 @@ use crate::auth::{Identity, Role};
 use crate::domain::dispatch;
 use crate::domain::model::order_json;
 use crate::event::Position;
+use crate::index::Via;
 use crate::node::app::App;
 
-fn driver<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
+/// The calling driver, who is online by this call (SPEC §5 "Presence": the
+/// driver HTTP API counts for `DRIVER_STALE_SECS`).
+async fn driver<B>(app: &Arc<App>, req: &Request<B>) -> Result<Identity, ApiError> {
     let who = identity(app, req)?;
-    if who.role == Role::Driver {
-        Ok(who)
-    } else {
-        Err(ApiError::Forbidden("drivers only".into()))
+    if who.role != Role::Driver {
+        return Err(ApiError::Forbidden("drivers only".into()));
     }
+    if let Err(e) = dispatch::drivers_online(&app.ctx, &[who.driver_id], Via::Http).await {
+        // The call itself may still work (a poll reads the database).
+        tracing::debug!(driver = who.driver_id, error = %e, "presence not recorded");
+    }
+    Ok(who)
 }
 
 pub async fn offers(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let who = driver(app, &req)?;
+    let who = driver(app, &req).await?;
     let items = dispatch::open_offers(&app.ctx, &who).await?;
     Ok(json_response(
         StatusCode::OK,
@@ -34,13 +40,13 @@ pub async fn offers(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
 }
 
 pub async fn accept(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    let who = driver(app, &req)?;
+    let who = driver(app, &req).await?;
     let order = dispatch::accept(&app.ctx, &who, id_segment(id)?).await?;
     Ok(json_response(StatusCode::OK, &order_json(&order)))
 }
 
 pub async fn decline(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    let who = driver(app, &req)?;
+    let who = driver(app, &req).await?;
     dispatch::decline(&app.ctx, &who, id_segment(id)?).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
@@ -55,7 +61,7 @@ struct LocationBody {
 }
 
 pub async fn location(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let who = driver(app, &req)?;
+    let who = driver(app, &req).await?;
     let b: LocationBody = read_json(req).await?;
     let loc = Position::new(b.latitude, b.longitude, b.heading, b.speed)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -70,7 +76,7 @@ struct StatusBody {
 }
 
 pub async fn status(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let who = driver(app, &req)?;
+    let who = driver(app, &req).await?;
     let b: StatusBody = read_json(req).await?;
     dispatch::set_available(&app.ctx, who.driver_id, b.available).await?;
     Ok(empty(StatusCode::NO_CONTENT))

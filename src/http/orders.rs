@@ -223,7 +223,7 @@ pub async fn dispatch(app: &Arc<App>, req: Request<Incoming>, id: &str) -> Resul
             message: "the order has no pickup coordinates to dispatch from".into(),
         });
     }
-    let offer = dispatch::dispatch(&app.ctx, order.id).await?;
+    let offer = dispatch::dispatch(&app.ctx, order.id, dispatch::Trigger::Admin).await?;
     let mut body = order_json(&order);
     body["offer"] = match offer {
         Some(o) => {
@@ -258,7 +258,9 @@ pub async fn nearby(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
         return Err(ApiError::BadRequest("radius_km must be in (0, 500]".into()));
     }
     let limit = Page::from_query(&q)?.limit as usize;
-    let near = dispatch::nearby(&app.ctx, lat, lon, radius, limit).await?;
+    // A manager sees only the drivers of its cities (SPEC §5).
+    let cities = (who.role == Role::Manager).then_some(who.city_ids.as_slice());
+    let near = dispatch::nearby(&app.ctx, lat, lon, radius, limit, cities).await?;
     let items: Vec<Value> = near
         .iter()
         .map(|n| {

@@ -1,15 +1,22 @@
-//! `DriverIndex`: where drivers are, and which are near a point. Two
+//! `DriverIndex`: where drivers are, which are online, which are near a
+//! point, and which orders wait near a point for a driver. Two
 //! implementations pass one contract ([`contract`] in the tests below):
 //! [`redis::RedisIndex`] (cluster mode) and [`memory::MemoryIndex`]
 //! (embedded mode).
 //!
 //! Redis: a GEO set `{p}drivers:geo`, a last-seen sorted set
-//! `{p}drivers:seen` (score = unix ms) and a set of drivers who said they are
-//! unavailable, `{p}drivers:off`. `nearest` runs one Lua script (one round
-//! trip): GEOSEARCH, then drop stale and unavailable drivers. Positions are
-//! written in batches by one task per node: one multi-member `GEOADD` +
-//! `ZADD` per round trip, however many sockets report.
-//! Memory: a map behind a mutex, scanned linearly.
+//! `{p}drivers:seen` (score = unix ms), a set of drivers who said they are
+//! unavailable, `{p}drivers:off`, each driver's city `{p}drivers:city`
+//! (hash), presence as two sorted sets of expiry times (`{p}drivers:sock`,
+//! refreshed by the nodes holding the driver's sockets, and
+//! `{p}drivers:http`, by the driver HTTP API), and the orders waiting for a
+//! driver as a GEO set `{p}orders:waiting`. `nearest` runs one Lua script
+//! (one round trip): GEOSEARCH, then drop stale, unavailable and offline
+//! drivers. Positions are written in batches by one task per node: one
+//! multi-member `GEOADD` + `ZADD` per round trip, however many sockets
+//! report, with one script in the same round trip that finds the waiting
+//! orders near each reporting driver (nothing at all when none wait).
+//! Memory: maps behind mutexes, scanned linearly.
 
 pub mod memory;
 pub mod redis;
@@ -36,16 +43,35 @@ pub struct Nearby {
     pub distance_km: f64,
     pub latitude: f64,
     pub longitude: f64,
+    /// The city of the driver's token when it last reported a position.
+    pub city_id: Option<i64>,
+}
+
+/// How a driver shows it is online (SPEC §5 "Presence").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A driver socket is open on some node; that node refreshes it.
+    Socket,
+    /// The driver called the driver HTTP API.
+    Http,
+}
+
+/// A position report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Report {
+    pub driver_id: i64,
+    pub city_id: Option<i64>,
+    pub lat: f64,
+    pub lon: f64,
+    /// How far to look for waiting orders around the driver.
+    pub radius_km: f64,
 }
 
 pub trait DriverIndex: Send + Sync + 'static {
-    /// Records a position; the driver is "seen" now.
-    fn put(
-        &self,
-        driver_id: i64,
-        lat: f64,
-        lon: f64,
-    ) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// Records a position; the driver is "seen" now. Returns the orders
+    /// waiting for a driver within `radius_km` of it, nearest first (at
+    /// most [`WAITING_NEAR`]).
+    fn put(&self, report: Report) -> impl Future<Output = Result<Vec<i64>, IndexError>> + Send;
     fn set_available(
         &self,
         driver_id: i64,
@@ -65,7 +91,41 @@ pub trait DriverIndex: Send + Sync + 'static {
         &self,
         driver_id: i64,
     ) -> impl Future<Output = Result<Option<(f64, f64)>, IndexError>> + Send;
+    /// The drivers are online `via` for `ttl` from now (never shortening a
+    /// longer presence of the same kind). Returns those that were offline
+    /// before (by either kind): they just came online.
+    fn online(
+        &self,
+        driver_ids: &[i64],
+        via: Via,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Vec<i64>, IndexError>> + Send;
+    /// The driver's last socket on this node closed: its socket presence
+    /// ends now (HTTP presence, if any, runs on). Another node holding a
+    /// socket of the same driver restores it at its next refresh.
+    fn offline(&self, driver_id: i64) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// The order waits for a driver at its pickup point.
+    fn wait_order(
+        &self,
+        order_id: i64,
+        lat: f64,
+        lon: f64,
+    ) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// The order no longer waits (offered, assigned, gone or given up).
+    fn unwait_order(&self, order_id: i64) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// Orders waiting within `radius_km` of a point, nearest first, at most
+    /// [`WAITING_NEAR`].
+    fn waiting_near(
+        &self,
+        lat: f64,
+        lon: f64,
+        radius_km: f64,
+    ) -> impl Future<Output = Result<Vec<i64>, IndexError>> + Send;
 }
+
+/// How many waiting orders a driver who becomes eligible is checked
+/// against (nearest first).
+pub const WAITING_NEAR: usize = 8;
 
 /// The index a node runs with, chosen by `REDIS_URL`.
 pub enum AnyIndex {
@@ -74,10 +134,10 @@ pub enum AnyIndex {
 }
 
 impl DriverIndex for AnyIndex {
-    async fn put(&self, driver_id: i64, lat: f64, lon: f64) -> Result<(), IndexError> {
+    async fn put(&self, report: Report) -> Result<Vec<i64>, IndexError> {
         match self {
-            AnyIndex::Memory(i) => i.put(driver_id, lat, lon).await,
-            AnyIndex::Redis(i) => i.put(driver_id, lat, lon).await,
+            AnyIndex::Memory(i) => i.put(report).await,
+            AnyIndex::Redis(i) => i.put(report).await,
         }
     }
     async fn set_available(&self, driver_id: i64, available: bool) -> Result<(), IndexError> {
@@ -105,6 +165,41 @@ impl DriverIndex for AnyIndex {
             AnyIndex::Redis(i) => i.position(driver_id).await,
         }
     }
+    async fn online(&self, ids: &[i64], via: Via, ttl: Duration) -> Result<Vec<i64>, IndexError> {
+        match self {
+            AnyIndex::Memory(i) => i.online(ids, via, ttl).await,
+            AnyIndex::Redis(i) => i.online(ids, via, ttl).await,
+        }
+    }
+    async fn offline(&self, driver_id: i64) -> Result<(), IndexError> {
+        match self {
+            AnyIndex::Memory(i) => i.offline(driver_id).await,
+            AnyIndex::Redis(i) => i.offline(driver_id).await,
+        }
+    }
+    async fn wait_order(&self, order_id: i64, lat: f64, lon: f64) -> Result<(), IndexError> {
+        match self {
+            AnyIndex::Memory(i) => i.wait_order(order_id, lat, lon).await,
+            AnyIndex::Redis(i) => i.wait_order(order_id, lat, lon).await,
+        }
+    }
+    async fn unwait_order(&self, order_id: i64) -> Result<(), IndexError> {
+        match self {
+            AnyIndex::Memory(i) => i.unwait_order(order_id).await,
+            AnyIndex::Redis(i) => i.unwait_order(order_id).await,
+        }
+    }
+    async fn waiting_near(
+        &self,
+        lat: f64,
+        lon: f64,
+        radius_km: f64,
+    ) -> Result<Vec<i64>, IndexError> {
+        match self {
+            AnyIndex::Memory(i) => i.waiting_near(lat, lon, radius_km).await,
+            AnyIndex::Redis(i) => i.waiting_near(lat, lon, radius_km).await,
+        }
+    }
 }
 
 /// One contract, run against both implementations: the memory index and
@@ -124,14 +219,31 @@ mod contract {
         n.iter().map(|n| n.driver_id).collect()
     }
 
+    fn at(driver_id: i64, lat: f64, lon: f64) -> Report {
+        Report {
+            driver_id,
+            city_id: Some(driver_id * 10),
+            lat,
+            lon,
+            radius_km: 10.0,
+        }
+    }
+
     async fn nearest_filters_and_sorts(i: &impl DriverIndex) {
         let fresh = Duration::from_secs(60);
-        i.put(1, 41.30, 69.24).await.unwrap();
-        i.put(2, 41.31, 69.24).await.unwrap();
-        i.put(3, 45.0, 69.24).await.unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            i.online(&[1, 2, 3, 4], Via::Http, hour).await.unwrap(),
+            vec![1, 2, 3, 4],
+            "all four come online"
+        );
+        i.put(at(1, 41.30, 69.24)).await.unwrap();
+        i.put(at(2, 41.31, 69.24)).await.unwrap();
+        i.put(at(3, 45.0, 69.24)).await.unwrap();
         i.set_available(2, false).await.unwrap();
         let n = i.nearest(41.30, 69.24, 10.0, fresh, 10).await.unwrap();
         assert_eq!(ids(&n), vec![1], "unavailable and far drivers are skipped");
+        assert_eq!(n[0].city_id, Some(10), "the city comes back");
         i.set_available(2, true).await.unwrap();
         let n = i.nearest(41.309, 69.24, 10.0, fresh, 10).await.unwrap();
         assert_eq!(ids(&n), vec![2, 1], "nearest first");
@@ -143,7 +255,7 @@ mod contract {
         // A driver unknown to the index that says "unavailable" stays out
         // once it reports a position.
         i.set_available(4, false).await.unwrap();
-        i.put(4, 41.30, 69.24).await.unwrap();
+        i.put(at(4, 41.30, 69.24)).await.unwrap();
         let n = i.nearest(41.30, 69.24, 10.0, fresh, 10).await.unwrap();
         assert!(!ids(&n).contains(&4), "{n:?}");
         let (lat, lon) = i.position(1).await.unwrap().expect("a position");
@@ -157,15 +269,88 @@ mod contract {
         assert!(n.is_empty(), "stale drivers are skipped: {n:?}");
     }
 
+    async fn near(i: &impl DriverIndex) -> Vec<i64> {
+        let fresh = Duration::from_secs(60);
+        ids(&i.nearest(42.0, 69.0, 10.0, fresh, 10).await.unwrap())
+    }
+
+    async fn presence(i: &impl DriverIndex) {
+        i.put(at(7, 42.0, 69.0)).await.unwrap();
+        assert!(
+            near(i).await.is_empty(),
+            "a driver never online is not offered"
+        );
+        let ttl = Duration::from_secs(30);
+        assert_eq!(i.online(&[7], Via::Socket, ttl).await.unwrap(), vec![7]);
+        assert_eq!(
+            i.online(&[7], Via::Socket, ttl).await.unwrap(),
+            Vec::<i64>::new(),
+            "a refresh is not a coming online"
+        );
+        assert_eq!(
+            i.online(&[7], Via::Http, ttl).await.unwrap(),
+            Vec::<i64>::new()
+        );
+        assert_eq!(near(i).await, vec![7]);
+        i.offline(7).await.unwrap();
+        assert_eq!(near(i).await, vec![7], "the HTTP presence runs on");
+        // Socket only: closing it takes the driver offline at once.
+        i.put(at(8, 42.0, 69.0)).await.unwrap();
+        assert_eq!(i.online(&[8], Via::Socket, ttl).await.unwrap(), vec![8]);
+        assert_eq!(near(i).await, vec![7, 8]);
+        i.offline(8).await.unwrap();
+        assert_eq!(near(i).await, vec![7]);
+        // An expired presence: offline, and coming back counts as new.
+        i.online(&[9], Via::Socket, Duration::from_millis(1))
+            .await
+            .unwrap();
+        i.put(at(9, 42.0, 69.0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(near(i).await, vec![7]);
+        assert_eq!(i.online(&[9], Via::Socket, ttl).await.unwrap(), vec![9]);
+    }
+
+    async fn waiting_orders(i: &impl DriverIndex) {
+        assert!(
+            i.put(at(20, 41.30, 69.24)).await.unwrap().is_empty(),
+            "no order waits"
+        );
+        i.wait_order(100, 41.31, 69.24).await.unwrap();
+        i.wait_order(101, 41.30, 69.24).await.unwrap();
+        i.wait_order(102, 45.0, 69.24).await.unwrap();
+        assert_eq!(
+            i.put(at(20, 41.30, 69.241)).await.unwrap(),
+            vec![101, 100],
+            "the waiting orders within the radius, nearest first"
+        );
+        assert_eq!(
+            i.waiting_near(41.312, 69.24, 10.0).await.unwrap(),
+            vec![100, 101]
+        );
+        assert_eq!(i.waiting_near(41.312, 69.24, 0.5).await.unwrap(), vec![100]);
+        i.unwait_order(100).await.unwrap();
+        i.unwait_order(100).await.unwrap();
+        assert_eq!(
+            i.waiting_near(41.312, 69.24, 10.0).await.unwrap(),
+            vec![101]
+        );
+    }
+
+    async fn contract(i: &impl DriverIndex) {
+        nearest_filters_and_sorts(i).await;
+        presence(i).await;
+        waiting_orders(i).await;
+    }
+
     #[tokio::test]
     async fn memory_index() {
-        nearest_filters_and_sorts(&MemoryIndex::default()).await;
+        contract(&MemoryIndex::default()).await;
     }
 
     #[tokio::test]
     async fn redis_index() {
         let redis = switchboard_testkit::RedisServer::start();
         let pool = crate::redis_conn::pool(&redis.url()).unwrap();
-        nearest_filters_and_sorts(&RedisIndex::new(pool, "sbtest:")).await;
+        contract(&RedisIndex::new(pool, "sbtest:")).await;
     }
 }

@@ -1,12 +1,14 @@
-//! The Redis driver index: GEO set, last-seen sorted set, unavailable set;
-//! one Lua round trip per lookup, batched position writes.
+//! The Redis driver index: GEO set, last-seen sorted set, unavailable set,
+//! cities, presence and waiting orders (keys in [`super`]); one Lua round
+//! trip per lookup, batched position writes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DriverIndex, IndexError, Nearby};
+use super::{DriverIndex, IndexError, Nearby, Report, Via, WAITING_NEAR};
 use crate::redis_conn::{HotConn, RedisError, timed};
 
 /// Searches a small circle first and doubles it up to the full radius:
@@ -17,6 +19,13 @@ local radius = tonumber(ARGV[3])
 local min_seen = tonumber(ARGV[5])
 local limit = tonumber(ARGV[6])
 local r = math.min(tonumber(ARGV[7]), radius)
+local now = tonumber(ARGV[8])
+local function online(id)
+  local a = redis.call('ZSCORE', KEYS[4], id)
+  if a and tonumber(a) > now then return true end
+  local b = redis.call('ZSCORE', KEYS[5], id)
+  return b and tonumber(b) > now
+end
 while true do
   local res = redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2],
     'BYRADIUS', r, 'km', 'ASC', 'COUNT', ARGV[4], 'WITHCOORD', 'WITHDIST')
@@ -24,8 +33,9 @@ while true do
   for _, e in ipairs(res) do
     local id = e[1]
     local seen = redis.call('ZSCORE', KEYS[2], id)
-    if seen and tonumber(seen) >= min_seen and redis.call('SISMEMBER', KEYS[3], id) == 0 then
-      out[#out + 1] = {id, e[2], e[3][1], e[3][2]}
+    if seen and tonumber(seen) >= min_seen and redis.call('SISMEMBER', KEYS[3], id) == 0
+      and online(id) then
+      out[#out + 1] = {id, e[2], e[3][1], e[3][2], redis.call('HGET', KEYS[6], id) or ''}
       if #out >= limit then return out end
     end
   end
@@ -34,58 +44,128 @@ while true do
 end
 "#;
 
+/// Marks drivers online until ARGV[2] (never shortening), returns those
+/// that were offline by both kinds of presence. KEYS: this kind's set, the
+/// other kind's. ARGV: now ms, until ms, driver ids. Entries expired for an
+/// hour are dropped on the way, so the sets hold only recent drivers.
+const ONLINE_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local out = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local a = redis.call('ZSCORE', KEYS[1], id)
+  local b = redis.call('ZSCORE', KEYS[2], id)
+  if not ((a and tonumber(a) > now) or (b and tonumber(b) > now)) then
+    out[#out + 1] = id
+  end
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[2], id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)
+return out
+"#;
+
+/// The waiting orders near each reported position, in the batch's round
+/// trip; nothing is searched while no order waits. KEYS: the waiting set.
+/// ARGV: (lon, lat, driver id, radius km) per report. Returns
+/// {driver id, {order ids}} for the reports with waiting orders near.
+const WAITING_LUA: &str = r#"
+if redis.call('ZCARD', KEYS[1]) == 0 then return {} end
+local out = {}
+for i = 1, #ARGV, 4 do
+  local res = redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[i], ARGV[i + 1],
+    'BYRADIUS', ARGV[i + 3], 'km', 'ASC', 'COUNT', ARGV_COUNT)
+  if #res > 0 then out[#out + 1] = {ARGV[i + 2], res} end
+end
+return out
+"#;
+
 pub struct RedisIndex {
     hot: Arc<HotConn>,
     geo: String,
     seen: String,
     off: String,
+    sock: String,
+    http: String,
+    city: String,
+    waiting: String,
     nearest: redis::Script,
+    online: redis::Script,
     /// Positions on their way to the batch writer ([`write_positions`]).
     puts: mpsc::UnboundedSender<Put>,
 }
 
-/// One position for the batch writer, and where its outcome goes.
+/// One position for the batch writer, and where its outcome goes (the
+/// waiting orders near it).
 struct Put {
-    driver_id: i64,
-    lat: f64,
-    lon: f64,
-    done: oneshot::Sender<Result<(), RedisError>>,
+    report: Report,
+    done: oneshot::Sender<Result<Vec<i64>, RedisError>>,
+}
+
+/// A reporting driver and the waiting orders near it.
+type NearDriver = (i64, Vec<i64>);
+
+/// The keys the batch writer writes.
+struct PutKeys {
+    geo: String,
+    seen: String,
+    city: String,
+    waiting: String,
 }
 
 /// Writes positions in batches: whatever queued while the previous batch
-/// was in flight (up to `PUT_BATCH`) goes as one `GEOADD` and one `ZADD`
-/// with many members, in one round trip. Per driver, positions keep their
-/// order (a later one in the same `GEOADD` wins). Ends when the index is
-/// dropped.
-async fn write_positions(
-    hot: Arc<HotConn>,
-    geo: String,
-    seen: String,
-    mut rx: mpsc::UnboundedReceiver<Put>,
-) {
+/// was in flight (up to `PUT_BATCH`) goes as one `GEOADD`, one `ZADD`, one
+/// `HSET` of cities and the waiting-orders script, in one round trip. Per
+/// driver, positions keep their order (a later one in the same `GEOADD`
+/// wins). Ends when the index is dropped.
+async fn write_positions(hot: Arc<HotConn>, keys: PutKeys, mut rx: mpsc::UnboundedReceiver<Put>) {
     const PUT_BATCH: usize = 512;
+    let waiting = WAITING_LUA.replace("ARGV_COUNT", &WAITING_NEAR.to_string());
     let mut batch = Vec::with_capacity(PUT_BATCH);
     while rx.recv_many(&mut batch, PUT_BATCH).await > 0 {
         let ms = now_ms();
         let mut geoadd = redis::cmd("GEOADD");
         let mut zadd = redis::cmd("ZADD");
-        geoadd.arg(&geo);
-        zadd.arg(&seen);
+        let mut hset = redis::cmd("HSET");
+        geoadd.arg(&keys.geo);
+        zadd.arg(&keys.seen);
+        hset.arg(&keys.city);
+        let mut cities = 0;
+        let mut near = redis::cmd("EVAL");
+        near.arg(&waiting).arg(1).arg(&keys.waiting);
         for p in &batch {
-            geoadd.arg(p.lon).arg(p.lat).arg(p.driver_id);
-            zadd.arg(ms).arg(p.driver_id);
+            let r = &p.report;
+            geoadd.arg(r.lon).arg(r.lat).arg(r.driver_id);
+            zadd.arg(ms).arg(r.driver_id);
+            if let Some(c) = r.city_id {
+                hset.arg(r.driver_id).arg(c);
+                cities += 1;
+            }
+            near.arg(r.lon).arg(r.lat).arg(r.driver_id).arg(r.radius_km);
         }
         let mut pipe = redis::pipe();
         pipe.add_command(geoadd).ignore().add_command(zadd).ignore();
-        let r = match hot.get().await {
-            Ok(mut c) => timed("geo_put", pipe.exec_async(&mut c)).await,
+        if cities > 0 {
+            pipe.add_command(hset).ignore();
+        }
+        // EVAL, not EVALSHA: inside a pipeline a NOSCRIPT (a restarted
+        // Redis) could not be retried; Redis caches the compiled script.
+        pipe.add_command(near);
+        let r: Result<(Vec<NearDriver>,), RedisError> = match hot.get().await {
+            Ok(mut c) => timed("geo_put", pipe.query_async(&mut c)).await,
             Err(e) => Err(e),
         };
-        if r.is_err() {
-            hot.broken();
-        }
+        let found: HashMap<i64, Vec<i64>> = match &r {
+            Ok((rows,)) => rows.iter().cloned().collect(),
+            Err(_) => {
+                hot.broken();
+                HashMap::new()
+            }
+        };
         for p in batch.drain(..) {
-            let _ = p.done.send(r.clone());
+            let _ = p.done.send(match &r {
+                Ok(_) => Ok(found.get(&p.report.driver_id).cloned().unwrap_or_default()),
+                Err(e) => Err(e.clone()),
+            });
         }
     }
 }
@@ -98,18 +178,28 @@ impl RedisIndex {
     /// Starts the position writer task: call within the runtime.
     pub fn new(pool: deadpool_redis::Pool, prefix: &str) -> RedisIndex {
         let hot = Arc::new(HotConn::new(pool));
-        let geo = format!("{prefix}drivers:geo");
-        let seen = format!("{prefix}drivers:seen");
+        let keys = PutKeys {
+            geo: format!("{prefix}drivers:geo"),
+            seen: format!("{prefix}drivers:seen"),
+            city: format!("{prefix}drivers:city"),
+            waiting: format!("{prefix}orders:waiting"),
+        };
         let (puts, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_positions(hot.clone(), geo.clone(), seen.clone(), rx));
-        RedisIndex {
-            hot,
-            geo,
-            seen,
+        let index = RedisIndex {
+            hot: hot.clone(),
+            geo: keys.geo.clone(),
+            seen: keys.seen.clone(),
             off: format!("{prefix}drivers:off"),
+            sock: format!("{prefix}drivers:sock"),
+            http: format!("{prefix}drivers:http"),
+            city: keys.city.clone(),
+            waiting: keys.waiting.clone(),
             nearest: redis::Script::new(NEAREST_LUA),
+            online: redis::Script::new(ONLINE_LUA),
             puts,
-        }
+        };
+        tokio::spawn(write_positions(hot, keys, rx));
+        index
     }
 
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, IndexError> {
@@ -124,16 +214,11 @@ impl RedisIndex {
 }
 
 impl DriverIndex for RedisIndex {
-    async fn put(&self, driver_id: i64, lat: f64, lon: f64) -> Result<(), IndexError> {
+    async fn put(&self, report: Report) -> Result<Vec<i64>, IndexError> {
         let stopped = || IndexError::Failed("position writer stopped".into());
         let (done, outcome) = oneshot::channel();
         self.puts
-            .send(Put {
-                driver_id,
-                lat,
-                lon,
-                done,
-            })
+            .send(Put { report, done })
             .map_err(|_| stopped())?;
         Ok(outcome.await.map_err(|_| stopped())??)
     }
@@ -168,19 +253,23 @@ impl DriverIndex for RedisIndex {
         inv.key(&self.geo)
             .key(&self.seen)
             .key(&self.off)
+            .key(&self.sock)
+            .key(&self.http)
+            .key(&self.city)
             .arg(lon)
             .arg(lat)
             .arg(radius_km)
             .arg(window)
             .arg(min_seen)
             .arg(limit)
-            .arg((radius_km / 16.0).max(0.5));
-        let rows: Vec<(i64, String, String, String)> =
+            .arg((radius_km / 16.0).max(0.5))
+            .arg(now_ms());
+        let rows: Vec<(i64, String, String, String, String)> =
             timed("geo_nearest", inv.invoke_async(&mut c))
                 .await
                 .map_err(|e| self.fail(e))?;
         rows.into_iter()
-            .map(|(id, dist, lon, lat)| {
+            .map(|(id, dist, lon, lat, city)| {
                 let f = |s: &str| {
                     s.parse::<f64>()
                         .map_err(|e| IndexError::Failed(format!("bad number {s:?}: {e}")))
@@ -190,6 +279,7 @@ impl DriverIndex for RedisIndex {
                     distance_km: f(&dist)?,
                     latitude: f(&lat)?,
                     longitude: f(&lon)?,
+                    city_id: city.parse().ok(),
                 })
             })
             .collect()
@@ -211,5 +301,102 @@ impl DriverIndex for RedisIndex {
             .next()
             .flatten()
             .map(|(lon, lat)| (lat, lon)))
+    }
+
+    async fn online(&self, ids: &[i64], via: Via, ttl: Duration) -> Result<Vec<i64>, IndexError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (this, other) = match via {
+            Via::Socket => (&self.sock, &self.http),
+            Via::Http => (&self.http, &self.sock),
+        };
+        let now = now_ms();
+        let mut came = Vec::new();
+        let mut c = self.conn().await?;
+        // Bounded scripts: a node refreshing 100k drivers must not block
+        // Redis for one long call.
+        for chunk in ids.chunks(1000) {
+            let mut inv = self.online.prepare_invoke();
+            inv.key(this)
+                .key(other)
+                .arg(now)
+                .arg(now + ttl.as_millis() as i64);
+            for id in chunk {
+                inv.arg(id);
+            }
+            let mut ids: Vec<i64> = timed("presence", inv.invoke_async(&mut c))
+                .await
+                .map_err(|e| self.fail(e))?;
+            came.append(&mut ids);
+        }
+        Ok(came)
+    }
+
+    async fn offline(&self, driver_id: i64) -> Result<(), IndexError> {
+        let mut c = self.conn().await?;
+        timed(
+            "presence",
+            redis::cmd("ZREM")
+                .arg(&self.sock)
+                .arg(driver_id)
+                .exec_async(&mut c),
+        )
+        .await
+        .map_err(|e| self.fail(e))
+    }
+
+    async fn wait_order(&self, order_id: i64, lat: f64, lon: f64) -> Result<(), IndexError> {
+        let mut c = self.conn().await?;
+        timed(
+            "waiting",
+            redis::cmd("GEOADD")
+                .arg(&self.waiting)
+                .arg(lon)
+                .arg(lat)
+                .arg(order_id)
+                .exec_async(&mut c),
+        )
+        .await
+        .map_err(|e| self.fail(e))
+    }
+
+    async fn unwait_order(&self, order_id: i64) -> Result<(), IndexError> {
+        let mut c = self.conn().await?;
+        timed(
+            "waiting",
+            redis::cmd("ZREM")
+                .arg(&self.waiting)
+                .arg(order_id)
+                .exec_async(&mut c),
+        )
+        .await
+        .map_err(|e| self.fail(e))
+    }
+
+    async fn waiting_near(
+        &self,
+        lat: f64,
+        lon: f64,
+        radius_km: f64,
+    ) -> Result<Vec<i64>, IndexError> {
+        let mut c = self.conn().await?;
+        timed(
+            "waiting",
+            redis::cmd("GEOSEARCH")
+                .arg(&self.waiting)
+                .arg("FROMLONLAT")
+                .arg(lon)
+                .arg(lat)
+                .arg("BYRADIUS")
+                .arg(radius_km)
+                .arg("km")
+                .arg("ASC")
+                .arg("COUNT")
+                .arg(WAITING_NEAR)
+                .query_async(&mut c),
+        )
+        .await
+        .map_err(|e| self.fail(e))
     }
 }

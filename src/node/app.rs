@@ -19,6 +19,7 @@ use crate::domain::dispatch;
 use crate::domain::{Ctx, DomainError};
 use crate::event::{Position, iso_now};
 use crate::hub::Hub;
+use crate::index::Via;
 use crate::lock::lock;
 use crate::metrics as m;
 use crate::ws::outbox::{ConnId, Outbox};
@@ -54,6 +55,9 @@ pub struct App {
     pub(crate) next_conn: AtomicU64,
     /// Driver positions waiting out `LOCATION_MIN_INTERVAL_MS`.
     pub(crate) locations: LocationGate,
+    /// Drivers with a socket open on this node, and how many sockets each
+    /// (their presence is this node's to refresh).
+    pub(crate) drivers_here: Mutex<HashMap<i64, u32>>,
 }
 
 /// At most one position per driver per interval is applied and fanned out
@@ -117,6 +121,70 @@ impl App {
             tokio::spawn(async move {
                 let _ = app.ctx.broker.reconcile(&room).await;
             });
+        }
+    }
+
+    /// A driver socket opened: the driver is online (SPEC §5 "Presence");
+    /// if it just came online, the orders waiting near it are tried.
+    pub async fn driver_socket_opened(&self, driver_id: i64) {
+        let first = {
+            let mut here = lock(&self.drivers_here);
+            let n = here.entry(driver_id).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first
+            && let Err(e) = dispatch::drivers_online(&self.ctx, &[driver_id], Via::Socket).await
+        {
+            // The refresh loop records it once Redis is back.
+            tracing::debug!(driver = driver_id, error = %e, "presence not recorded");
+        }
+    }
+
+    /// A driver socket closed; the driver's last one on this node ends its
+    /// socket presence at once.
+    pub fn driver_socket_closed(&self, driver_id: i64) {
+        let last = {
+            let mut here = lock(&self.drivers_here);
+            match here.get_mut(&driver_id) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    here.remove(&driver_id);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = dispatch::driver_offline(&ctx, driver_id).await {
+                    // Its presence runs out by itself (SOCKET_PRESENCE_TTL).
+                    tracing::debug!(driver = driver_id, error = %e, "presence not cleared");
+                }
+            });
+        }
+    }
+
+    /// Refreshes, every [`dispatch::PRESENCE_REFRESH`], the presence of the
+    /// drivers whose sockets this node holds: a node that dies stops, and
+    /// its drivers go offline within [`dispatch::SOCKET_PRESENCE_TTL`].
+    pub async fn run_presence(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(dispatch::PRESENCE_REFRESH) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let ids: Vec<i64> = lock(&self.drivers_here).keys().copied().collect();
+            if ids.is_empty() {
+                continue;
+            }
+            if let Err(e) = dispatch::drivers_online(&self.ctx, &ids, Via::Socket).await {
+                tracing::debug!(error = %e, "presence refresh failed");
+            }
         }
     }
 

@@ -128,6 +128,7 @@ impl Node {
             offers,
             rules: Rules::from_config(&config),
             relay: tokio::sync::Notify::new(),
+            eligible_tries: Default::default(),
         });
         let app = Arc::new(App {
             config,
@@ -144,6 +145,7 @@ impl Node {
             dev_api_key,
             next_conn: AtomicU64::new(1),
             locations: Default::default(),
+            drivers_here: Default::default(),
         });
         crate::health::check_once(&app).await;
         tokio::spawn(crate::health::run(app.clone()));
@@ -157,6 +159,12 @@ impl Node {
             ctx.clone(),
             app.stop.clone(),
         ));
+        tokio::spawn(crate::domain::dispatch::run_retry(
+            ctx.clone(),
+            app.config.node_id.clone(),
+            app.stop.clone(),
+        ));
+        tokio::spawn(app.clone().run_presence());
         if ctx.sync_on() {
             tokio::spawn(crate::domain::sync::run(ctx.clone(), app.stop.clone()));
         }

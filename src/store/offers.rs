@@ -21,7 +21,10 @@ use entity::{offer, order};
 /// one (the partial unique indexes decide, so racing dispatchers are safe),
 /// or when the order is gone or no longer waiting for a driver (checked in
 /// the same statement, so a delete or an accept racing a dispatch wins).
-/// `events`, built from the new offer, go into the event outbox with it.
+/// The order's `dispatch_status` becomes `offered` in the same transaction
+/// (with `version` + 1 when it was something else). `events`, built from
+/// the new offer and, when its dispatch status changed, the order after
+/// that change, go into the event outbox with it.
 pub async fn create_offer(
     db: &DatabaseConnection,
     order_id: i64,
@@ -29,7 +32,7 @@ pub async fn create_offer(
     distance_km: f64,
     expires_at: DateTime<Utc>,
     assignable: &[&str],
-    events: impl FnOnce(&Offer) -> Vec<Event>,
+    events: impl FnOnce(&Offer, Option<&Order>) -> Vec<Event>,
 ) -> Result<Option<Offer>, StoreError> {
     let marks = vec!["?"; assignable.len()].join(", ");
     let sql = format!(
@@ -66,9 +69,74 @@ pub async fn create_offer(
             };
         }
     };
-    enqueue_events(&txn, events(&offer)).await?;
+    let changed = order::Entity::find()
+        .from_raw_sql(stmt(
+            &txn,
+            "UPDATE orders SET dispatch_status = 'offered', version = version + 1, updated_at = ? \
+             WHERE id = ? AND dispatch_status <> 'offered' RETURNING *",
+            vec![Utc::now().into(), order_id.into()],
+        ))
+        .one(&txn)
+        .await?;
+    enqueue_events(&txn, events(&offer, changed.as_ref())).await?;
     txn.commit().await?;
     Ok(Some(offer))
+}
+
+/// Sets the `dispatch_status` of an order that waits for a driver and has
+/// no open offer (`no_drivers`, `gave_up`), with `version` + 1; `None` when
+/// it already had that status or no longer waits. `events`, built from the
+/// changed order, go into the event outbox in the same transaction.
+pub async fn set_dispatch_status(
+    db: &DatabaseConnection,
+    order_id: i64,
+    to: &str,
+    assignable: &[&str],
+    events: impl FnOnce(&Order) -> Vec<Event>,
+) -> Result<Option<Order>, StoreError> {
+    let marks = vec!["?"; assignable.len()].join(", ");
+    let sql = format!(
+        "UPDATE orders SET dispatch_status = ?, version = version + 1, updated_at = ? \
+         WHERE id = ? AND dispatch_status <> ? AND driver_id IS NULL AND status IN ({marks}) \
+         AND NOT EXISTS (SELECT 1 FROM offers WHERE offers.order_id = orders.id \
+         AND offers.status = 'open') RETURNING *"
+    );
+    let mut values: Vec<Value> = vec![to.into(), Utc::now().into(), order_id.into(), to.into()];
+    values.extend(assignable.iter().map(|s| Value::from(*s)));
+    let txn = db.begin().await?;
+    let Some(o) = order::Entity::find()
+        .from_raw_sql(stmt(&txn, &sql, values))
+        .one(&txn)
+        .await?
+    else {
+        txn.rollback().await?;
+        return Ok(None);
+    };
+    enqueue_events(&txn, events(&o)).await?;
+    txn.commit().await?;
+    Ok(Some(o))
+}
+
+/// Orders a retry pass re-dispatches: waiting for a driver, with a pickup
+/// point, not given up, and no open offer; oldest first, at most `limit`.
+pub async fn orders_awaiting_dispatch(
+    db: &DatabaseConnection,
+    assignable: &[&str],
+    limit: u64,
+) -> Result<Vec<Order>, StoreError> {
+    let marks = vec!["?"; assignable.len()].join(", ");
+    let sql = format!(
+        "SELECT * FROM orders WHERE driver_id IS NULL AND status IN ({marks}) \
+         AND dispatch_status IN ('searching', 'offered', 'no_drivers') \
+         AND latitude_from IS NOT NULL AND longitude_from IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM offers WHERE offers.order_id = orders.id \
+         AND offers.status = 'open') ORDER BY id LIMIT {limit}"
+    );
+    let values: Vec<Value> = assignable.iter().map(|s| Value::from(*s)).collect();
+    Ok(order::Entity::find()
+        .from_raw_sql(stmt(db, &sql, values))
+        .all(db)
+        .await?)
 }
 
 /// Moves an offer out of `open` to `status`; returns it if this call did
@@ -136,13 +204,21 @@ pub async fn open_offers(db: &DatabaseConnection) -> Result<Vec<Offer>, StoreErr
         .await?)
 }
 
-/// Drivers this order was already offered to.
+/// Drivers this order was offered to whose offer is open or ended after
+/// `since` (the cooldown: a driver that declined or let its offer expire
+/// is not offered the order again until `since` passes its decline).
 pub async fn offered_drivers(
     db: &DatabaseConnection,
     order_id: i64,
+    since: DateTime<Utc>,
 ) -> Result<HashSet<i64>, StoreError> {
     Ok(offer::Entity::find()
         .filter(offer::Column::OrderId.eq(order_id))
+        .filter(
+            offer::Column::EndedAt
+                .is_null()
+                .or(offer::Column::EndedAt.gt(since)),
+        )
         .all(db)
         .await?
         .into_iter()
@@ -208,6 +284,7 @@ pub async fn accept_offer(
     let n = order::Entity::update_many()
         .col_expr(order::Column::Status, Expr::value("accepted"))
         .col_expr(order::Column::DriverId, Expr::value(offer.driver_id))
+        .col_expr(order::Column::DispatchStatus, Expr::value("assigned"))
         .col_expr(
             order::Column::Version,
             Expr::col(order::Column::Version).add(1),

@@ -37,6 +37,8 @@ pub struct NewOrder {
     pub bonuses_used: i64,
     pub bonuses_earned: i64,
     pub scheduled_at: Option<DateTime<Utc>>,
+    /// `searching` with a pickup point, else `none`.
+    pub dispatch_status: String,
 }
 
 /// Inserts an order, debiting `bonuses_used` from the creator's balance in
@@ -89,6 +91,7 @@ pub async fn create_order(
         created_at: Set(now),
         updated_at: Set(now),
         version: Set(1),
+        dispatch_status: Set(new.dispatch_status),
         ..Default::default()
     }
     .insert(&txn)
@@ -152,7 +155,7 @@ pub enum Scope {
     All,
     Cities(Vec<i64>),
     User(i64),
-    /// Orders offered to or assigned to the driver.
+    /// Orders the driver holds an open offer for or is assigned to.
     Driver(i64),
 }
 
@@ -176,6 +179,7 @@ pub async fn list_orders(
                         .column(offer::Column::OrderId)
                         .from(offer::Entity)
                         .and_where(offer::Column::DriverId.eq(*d))
+                        .and_where(offer::Column::Status.eq("open"))
                         .to_owned(),
                 )),
         ),
@@ -198,6 +202,7 @@ pub struct OrderChanges {
     pub status: Option<String>,
     pub scheduled_at: Option<Option<DateTime<Utc>>>,
     pub driver_id: Option<Option<i64>>,
+    pub dispatch_status: Option<String>,
 }
 
 /// Applies `changes` if the order is still at `version`; returns the new
@@ -227,6 +232,9 @@ pub async fn update_order(
     }
     if let Some(d) = changes.driver_id {
         q = q.col_expr(order::Column::DriverId, Expr::value(d));
+    }
+    if let Some(d) = &changes.dispatch_status {
+        q = q.col_expr(order::Column::DispatchStatus, Expr::value(d.clone()));
     }
     let n = q
         .filter(order::Column::Id.eq(current.id))

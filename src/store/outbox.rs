@@ -39,15 +39,6 @@ pub(super) async fn enqueue_events(
     Ok(())
 }
 
-/// Appends events that follow a committed change but change nothing
-/// themselves (dispatch finding no driver), in a transaction of their own.
-pub async fn enqueue(db: &DatabaseConnection, events: Vec<Event>) -> Result<(), StoreError> {
-    let txn = db.begin().await?;
-    enqueue_events(&txn, events).await?;
-    txn.commit().await?;
-    Ok(())
-}
-
 /// The oldest `max` outbox rows, in id order.
 pub async fn outbox_batch(db: &DatabaseConnection, max: u64) -> Result<Vec<OutboxRow>, StoreError> {
     Ok(event_outbox::Entity::find()

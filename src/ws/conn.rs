@@ -96,6 +96,10 @@ pub async fn serve(
         }
     };
 
+    let driver = (identity.role == Role::Driver).then_some(identity.driver_id);
+    if let Some(d) = driver {
+        Box::pin(app.driver_socket_opened(d)).await;
+    }
     app.hub.socket_opened();
     metrics::gauge!(m::SOCKETS_OPEN, "dialect" => dialect.as_str()).increment(1.0);
     metrics::counter!(m::SOCKETS_OPENED, "dialect" => dialect.as_str()).increment(1);
@@ -115,6 +119,9 @@ pub async fn serve(
     outbox.closer.close(close_code::NORMAL, "");
     for room in std::mem::take(&mut session.rooms) {
         app.leave(outbox.id, &room);
+    }
+    if let Some(d) = driver {
+        app.driver_socket_closed(d);
     }
     // Boxed: its read buffer must not sit in every idle socket's future.
     Box::pin(goodbye(&outbox, keep_queue)).await;

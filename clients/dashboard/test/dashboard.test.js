@@ -52,13 +52,36 @@ test('orders and drivers update live in the dashboard', async (t) => {
   const other = mint({ sub: 43, role: 'driver', city_id: 1 });
   await node.call('POST', '/api/driver/location', other, { latitude: 41.34, longitude: 69.30 });
   await page.waitForSelector('circle[data-driver="43"]');
-  const before = await page.getAttribute(marker, 'cx');
+  const group = 'g[data-driver="42"]';
+  // Where the label sits against its dot, on screen.
+  const offset = () => page.evaluate((sel) => {
+    const g = document.querySelector(sel);
+    const c = g.querySelector('circle').getBoundingClientRect();
+    const t = g.querySelector('text').getBoundingClientRect();
+    return [Math.round(t.left - c.left), Math.round(t.top - c.top)];
+  }, group);
+  const still = await offset();
+  const before = await page.getAttribute(group, 'data-x');
   await node.call('POST', '/api/driver/location', driver, { latitude: 41.32, longitude: 69.28 });
   await page.waitForFunction(
-    ([sel, old]) => document.querySelector(sel)?.getAttribute('cx') !== old,
-    [marker, before],
+    ([sel, old]) => document.querySelector(sel)?.dataset.x !== old,
+    [group, before],
   );
   assert.equal(await page.getAttribute(marker, 'data-lat'), '41.32');
+  // The label travels with its dot, during the move and after it.
+  assert.deepEqual(await offset(), still);
+  await page.waitForTimeout(600);
+  assert.deepEqual(await offset(), still);
+
+  // An order nobody can take stands out: dispatch status `no_drivers`.
+  const far = await node.call('POST', '/api/orders', admin(),
+    { city_id: 1, user_id: 6, total: 10, latitude_from: 40.0, longitude_from: 60.0 });
+  assert.equal(far.status, 201);
+  const farRow = `#orders tr[data-id="${far.body.id}"]`;
+  await page.waitForSelector(`${farRow}[data-dispatch="no_drivers"].stranded`);
+  assert.equal(await page.textContent(`${farRow} .dispatch`), 'no drivers');
+  assert.equal(await page.getAttribute(row, 'data-dispatch'), 'none');
+  assert.equal(await page.$eval(row, (r) => r.classList.contains('stranded')), false);
 
   // Counters come from /api/stats.
   await page.waitForFunction(() => document.querySelector('#sockets').textContent !== '–');
