@@ -325,6 +325,13 @@ async fn wss_and_https_on_one_port_and_a_certificate_renewed_on_sighup() {
     assert_eq!(next_type(&mut old).await, "after-bad-reload");
     let log = node.log_text();
     assert!(log.contains("TLS certificate reloaded"), "{log}");
+    // The image's HEALTHCHECK speaks TLS when the node does.
+    let cert = dir.path().join("cert.pem").display().to_string();
+    let (ok, out) = healthcheck(&[
+        ("SWITCHBOARD_LISTEN", format!("0.0.0.0:{}", addr.port())),
+        ("TLS_CERT_FILE", cert),
+    ]);
+    assert!(ok, "healthcheck over TLS: {out}");
     let listening = log.lines().find(|l| l.contains("switchboard listening"));
     assert!(listening.is_some_and(|l| l.contains("https")), "{log}");
 }
@@ -378,4 +385,44 @@ fn half_a_pair_or_a_bad_file_stops_the_start() {
     std::fs::write(&key, &two.key_pem).unwrap();
     let (ok, out) = serve_once(dir.path(), &both);
     assert!(!ok && out.contains("tls"), "{out}");
+}
+
+/// `switchboard healthcheck` with `env`: whether it exited 0, and its output.
+fn healthcheck(env: &[(&str, String)]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    cmd.arg("healthcheck").env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_on_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::launch(env!("CARGO_BIN_EXE_switchboard"))
+        .clean_env()
+        .log_file()
+        .within(WAIT * 3)
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}?mode=rwc", dir.path().join("sb.db").display()),
+        )
+        .env("JWT_SECRET", SECRET)
+        .start()
+        .await;
+    let port = node.addr.port();
+    // Plain HTTP is what it was without the TLS settings.
+    let (status, _) = switchboard_testkit::http(node.addr, "GET", "/healthz", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let listen = ("SWITCHBOARD_LISTEN", format!("0.0.0.0:{port}"));
+    let (ok, out) = healthcheck(std::slice::from_ref(&listen));
+    assert!(ok, "{out}");
+    node.kill();
+    let (ok, out) = healthcheck(&[listen]);
+    assert!(!ok && out.contains("unhealthy"), "{out}");
 }
