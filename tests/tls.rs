@@ -200,14 +200,18 @@ where
     }
 }
 
-fn hangup(node: &NodeProcess) {
+fn signal(node: &NodeProcess, sig: &str) {
     let pid = node.pid().expect("running").to_string();
     let ok = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
+        .args([sig, &pid])
         .status()
         .unwrap()
         .success();
-    assert!(ok, "kill -HUP {pid}");
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn hangup(node: &NodeProcess) {
+    signal(node, "-HUP");
 }
 
 #[tokio::test]
@@ -264,6 +268,32 @@ async fn wss_and_https_on_one_port_and_a_certificate_renewed_on_sighup() {
     .await
     .expect("wss connect");
     assert_eq!(next_type(&mut old).await, "connected");
+    // The other two endpoints over the same TLS port.
+    let mut events = Socket::connect_with(
+        addr,
+        &format!("/ws?token={admin}"),
+        None,
+        64,
+        Some(&trust_one),
+    )
+    .await
+    .expect("wss /ws");
+    assert_eq!(next_type(&mut events).await, "CONNECTED");
+    let driver = mint(
+        SECRET.as_bytes(),
+        json!({"sub": "7", "role": "driver", "driver_id": 7, "city_id": 1}),
+    );
+    let mut drv = Socket::connect_with(
+        addr,
+        &format!("/ws/driver/orders/?token={driver}"),
+        None,
+        64,
+        Some(&trust_one),
+    )
+    .await
+    .expect("wss driver endpoint");
+    assert_eq!(next_type(&mut drv).await, "connection_established");
+    drop((events, drv));
     let mut config = ClientConfig::new(addr, "/", &admin);
     config.tls = Some(trust_one.clone());
     let mut client = Client::start(config);
@@ -334,6 +364,25 @@ async fn wss_and_https_on_one_port_and_a_certificate_renewed_on_sighup() {
     assert!(ok, "healthcheck over TLS: {out}");
     let listening = log.lines().find(|l| l.contains("switchboard listening"));
     assert!(listening.is_some_and(|l| l.contains("https")), "{log}");
+
+    // SIGTERM: a TLS socket gets its 1012 through the relay, and the node
+    // exits 0 within the grace period.
+    let mut node = node;
+    signal(&node, "-TERM");
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match old.recv().await {
+                Some(Incoming::Close(code)) => return code,
+                Some(Incoming::Text(_)) => {}
+                None => return 0,
+            }
+        }
+    })
+    .await
+    .expect("a close frame in time");
+    assert_eq!(code, 1012);
+    let status = node.wait_exit(WAIT).await.expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}: {}", node.log_text());
 }
 
 /// `serve` with the settings given; its exit status and output.
