@@ -157,6 +157,13 @@ pub struct Settings {
     /// A room's history is dropped this long after its last publish.
     #[arg(long, env = "HISTORY_TTL_SECS", default_value_t = 300)]
     pub history_ttl_secs: u64,
+    /// PEM certificate chain: with TLS_KEY_FILE, the port speaks TLS
+    /// (https, wss); re-read on SIGHUP.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of TLS_CERT_FILE (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -277,6 +284,16 @@ pub struct Config {
     pub fault_hang_after_publish: bool,
     /// Run migrations at start (`serve --no-migrate` turns it off).
     pub migrate: bool,
+    /// Native TLS on the listen port (`TLS_CERT_FILE` + `TLS_KEY_FILE`);
+    /// `None` = plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files a TLS node reads at start and again on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Per-socket and per-node limits (SPEC §11).
@@ -520,6 +537,22 @@ impl Config {
         if s.history_ttl_secs == 0 || s.history_ttl_secs > 30 * 86400 {
             return Err(invalid("HISTORY_TTL_SECS", "must be 1 s to 30 days"));
         }
+        let tls = match (s.tls_cert_file.clone(), s.tls_key_file.clone()) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "TLS_KEY_FILE",
+                    "must be set with TLS_CERT_FILE (both or neither)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "TLS_CERT_FILE",
+                    "must be set with TLS_KEY_FILE (both or neither)",
+                ));
+            }
+        };
         let claims = ClaimMapping::from_settings(&s)?;
         Ok(Config {
             listen,
@@ -564,6 +597,7 @@ impl Config {
             fault_hang_after_claim: s.fault.as_deref() == Some("hang-after-claim"),
             fault_hang_after_publish: s.fault.as_deref() == Some("hang-after-publish"),
             migrate: true,
+            tls,
         })
     }
 
@@ -660,6 +694,31 @@ mod tests {
         };
         let e = Config::from_settings(s).unwrap_err().to_string();
         assert!(e.contains("JWT_ROLE_MAP"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        assert_eq!(Config::defaults().tls, None);
+        let s = Settings {
+            tls_cert_file: Some("cert.pem".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("TLS_KEY_FILE") && e.contains("both"), "{e}");
+        let s = Settings {
+            tls_key_file: Some("key.pem".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(e.contains("TLS_CERT_FILE"), "{e}");
+        let s = Settings {
+            tls_cert_file: Some("cert.pem".into()),
+            tls_key_file: Some("key.pem".into()),
+            ..Settings::default()
+        };
+        let tls = Config::from_settings(s).unwrap().tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("cert.pem"));
+        assert_eq!(tls.key, PathBuf::from("key.pem"));
     }
 
     #[test]

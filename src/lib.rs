@@ -12,7 +12,7 @@
 //! - rules: `domain` (orders, bonuses, sync, `dispatch`; `Ctx`, `DomainError`).
 //! - infrastructure: `hub` (this node's sockets), [`broker`], `store` (the
 //!   database), `index`, `clock`, `redis_conn`, [`auth`],
-//!   `ws::outbox`.
+//!   `ws::outbox`, `tls` (certificates, SIGHUP reload, the TLS socket relay).
 //! - leaves: [`event`], [`config`], [`metrics`], [`ws::dialect`],
 //!   `ws::frame`, `lock`.
 
@@ -31,12 +31,14 @@ pub mod metrics;
 pub mod node;
 mod redis_conn;
 mod store;
+mod tls;
 pub mod ws;
 
 pub use config::Config;
 pub use node::{Node, StartError};
 pub use redis_conn::{RedisError, pool as redis_pool};
 pub use store::StoreError;
+pub use tls::TlsError;
 
 /// Runs the database migrations alone (`switchboard migrate`).
 pub async fn migrate(database_url: &str) -> Result<(), store::StoreError> {

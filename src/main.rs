@@ -1,5 +1,8 @@
 //! The CLI only: parse arguments, build the config, start the node, wait
-//! for SIGTERM/SIGINT, drain.
+//! for SIGTERM/SIGINT, drain; `healthcheck`, the container's probe.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +35,22 @@ enum Cmd {
     },
     /// Mint a JWT with JWT_SECRET (for operators and tests).
     Token(TokenArgs),
+    /// GET /healthz on this machine's node and exit 0 on 200, 1 otherwise
+    /// (the container image's HEALTHCHECK: the image has no curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    /// The node's listen address; the probe asks its port on loopback
+    /// (or its address, when it is a specific one).
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "0.0.0.0:3000")]
+    listen: String,
+    /// Set when the node serves TLS: the probe speaks TLS too.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 3.0)]
+    timeout_secs: f64,
 }
 
 #[derive(Args)]
@@ -68,6 +87,13 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.cmd {
         Some(Cmd::Token(t)) => token(t),
+        Some(Cmd::Healthcheck(h)) => match rt.block_on(healthcheck(h)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("unhealthy: {e:#}");
+                std::process::exit(1);
+            }
+        },
         Some(Cmd::Migrate { database_url }) => {
             telemetry();
             rt.block_on(switchboard::migrate(&database_url))?;
@@ -111,6 +137,114 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
         v.mint(claims_for(role, t.sub, &t.city, driver_id), t.ttl_secs)?
     );
     Ok(())
+}
+
+/// One `GET /healthz` to the local node. Over TLS it does not check the
+/// certificate: it asks its own process on its own machine whether it is
+/// alive, and the certificate may name a host that loopback is not.
+async fn healthcheck(h: HealthcheckArgs) -> anyhow::Result<()> {
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+    let listen: std::net::SocketAddr = h
+        .listen
+        .parse()
+        .with_context(|| format!("SWITCHBOARD_LISTEN {:?}", h.listen))?;
+    let ip = match listen.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let addr = std::net::SocketAddr::new(ip, listen.port());
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let io: Box<dyn Io> = match h.tls_cert_file {
+            None => Box::new(tcp),
+            Some(_) => {
+                let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+                .with_no_client_auth();
+                let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+                Box::new(tls.connect(name, tcp).await?)
+            }
+        };
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/healthz")
+            .header("host", addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())?;
+        let status = send.send_request(req).await?.status();
+        anyhow::ensure!(status == 200, "GET /healthz answered {status}");
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs_f64(h.timeout_secs), probe)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {}s", h.timeout_secs))?
+        .with_context(|| {
+            format!(
+                "GET http{}://{addr}/healthz",
+                if h.tls_cert_file.is_some() { "s" } else { "" }
+            )
+        })
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// The health check's TLS verifier: any certificate (see [`healthcheck`]);
+/// the handshake signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -38,6 +38,7 @@ const UNITS: &[(&str, &str)] = &[
     ("auth", "infrastructure"),
     ("ws::assemble", "infrastructure"),
     ("ws::outbox", "infrastructure"),
+    ("tls", "infrastructure"),
     // Leaves: no IO of their own, import only each other downwards.
     ("ws::dialect", "leaves"),
     ("ws::frame", "leaves"),

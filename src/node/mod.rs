@@ -32,6 +32,7 @@ use crate::index::{AnyIndex, MemoryIndex, RedisIndex};
 use crate::metrics as m;
 use crate::node::app::{App, Health};
 use crate::redis_conn::RedisError;
+use crate::tls::Acceptor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -48,6 +49,8 @@ pub enum StartError {
     RedisUrl(String),
     #[error("jwt: {0}")]
     Jwt(String),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running node.
@@ -97,6 +100,7 @@ impl Node {
                 )
             }
         };
+        let tls = config.tls.as_ref().map(Acceptor::load).transpose()?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -173,8 +177,12 @@ impl Node {
             app.config.fault_hang_after_publish,
         );
         tokio::spawn(relay.run(ctx.clone(), app.stop.clone()));
-        let done = tokio::spawn(serve(listener, app.clone()));
-        tracing::info!(%addr, node_id = %app.config.node_id, mode = if app.redis.is_some() { "cluster" } else { "embedded" }, "switchboard listening");
+        if let Some(tls) = &tls {
+            tls.reload_on_sighup(app.stop.clone());
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let done = tokio::spawn(serve(listener, tls, app.clone()));
+        tracing::info!(%addr, scheme, node_id = %app.config.node_id, mode = if app.redis.is_some() { "cluster" } else { "embedded" }, "switchboard listening");
         Ok(Node { addr, app, done })
     }
 
@@ -258,7 +266,9 @@ fn drain_linger(grace: Duration) -> Duration {
 
 /// Accepts connections until the drain has lingered, then waits for every
 /// connection task (bounded by the grace period) and stops background tasks.
-async fn serve(listener: TcpListener, app: Arc<App>) {
+/// With `tls`, each connection's TLS handshake runs in its own task, with the
+/// certificate current when it was accepted.
+async fn serve(listener: TcpListener, tls: Option<Acceptor>, app: Arc<App>) {
     let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
         let until = linger_until;
@@ -280,29 +290,16 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
         };
         let _ = tcp.set_nodelay(true);
         let draining = linger_until.is_some();
+        let tls = tls.as_ref().map(Acceptor::acceptor);
         let app2 = app.clone();
         app.tracker.spawn(async move {
-            let app3 = app2.clone();
-            let svc = service_fn(move |req| crate::http::handle(app3.clone(), peer, req));
-            // A connection accepted while draining answers one request and
-            // closes; older ones finish their request and close.
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .keep_alive(!draining)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            if draining {
-                let _ = tokio::time::timeout(app2.config.shutdown_grace, conn).await;
-                return;
-            }
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = app2.drain.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(app2.config.shutdown_grace, conn).await;
-                }
+            let Some(tls) = tls else {
+                return serve_conn(app2, peer, TokioIo::new(tcp), draining).await;
+            };
+            match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_conn(app2, peer, TokioIo::new(stream), draining).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
@@ -316,4 +313,34 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
     }
     app.stop.cancel();
     tracing::info!("drained");
+}
+
+/// Serves one connection (plain TCP or TLS) until it ends or the drain
+/// closes it.
+async fn serve_conn<I>(app: Arc<App>, peer: SocketAddr, io: I, draining: bool)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let app3 = app.clone();
+    let svc = service_fn(move |req| crate::http::handle(app3.clone(), peer, req));
+    // A connection accepted while draining answers one request and
+    // closes; older ones finish their request and close.
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .keep_alive(!draining)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    if draining {
+        let _ = tokio::time::timeout(app.config.shutdown_grace, conn).await;
+        return;
+    }
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = app.drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(app.config.shutdown_grace, conn).await;
+        }
+    }
 }

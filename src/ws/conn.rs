@@ -11,10 +11,11 @@
 //!   the task's `select!` with the close, drain, backlog and ping branches.
 //! - The upgraded connection is taken back as the plain `TcpStream` (hyper's
 //!   `Upgraded::downcast`), so writes need no lock around a split stream and
-//!   can happen from any thread.
+//!   can happen from any thread. A TLS connection is taken back too, and
+//!   handed to `tls::relay`: the socket works on the plain end of a local
+//!   socket pair, the same way ([`Wire`]).
 
 use std::io;
-use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tokio::net::TcpStream;
 use super::assemble::{Assembler, Step};
 use super::dialect::{Command, Dialect, Reply};
 use super::frame::{self, DecodeError};
-use super::outbox::{Outbox, close_code};
+use super::outbox::{Outbox, Wire, close_code};
 use crate::auth::{AuthError, Identity, Role};
 use crate::broker::{Broker, Replay};
 use crate::event::{Event, Recovery, StreamPos};
@@ -56,18 +57,38 @@ pub async fn serve(
             return;
         }
     };
+    // Copied: `read_buf` may be a slice of hyper's whole read buffer,
+    // which must not live as long as the socket.
     let (stream, early) = match ws
         .into_inner()
         .into_inner()
         .downcast::<TokioIo<TcpStream>>()
     {
-        // Copied: `read_buf` may be a slice of hyper's whole read buffer,
-        // which must not live as long as the socket.
-        Ok(parts) => (parts.io.into_inner(), BytesMut::from(&parts.read_buf[..])),
-        Err(_) => {
-            tracing::error!("an upgraded connection is not a TCP stream");
-            return;
-        }
+        Ok(parts) => (
+            Wire::Tcp(parts.io.into_inner()),
+            BytesMut::from(&parts.read_buf[..]),
+        ),
+        // A TLS connection: the socket code works on the plain end of a
+        // socket pair, the relay encrypts (see `tls::relay`).
+        Err(upgraded) => match upgraded.downcast::<TokioIo<crate::tls::ServerStream>>() {
+            Ok(parts) => {
+                let early = BytesMut::from(&parts.read_buf[..]);
+                match crate::tls::relay(parts.io.into_inner()) {
+                    Ok((local, pump)) => {
+                        app.tracker.spawn(pump);
+                        (Wire::Local(local), early)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot relay a TLS socket");
+                        return;
+                    }
+                }
+            }
+            Err(_) => {
+                tracing::error!("an upgraded connection is neither TCP nor TLS over TCP");
+                return;
+            }
+        },
     };
     let outbox = Outbox::new(
         app.next_conn_id(),
@@ -162,7 +183,7 @@ pub(crate) async fn goodbye(outbox: &Outbox, keep_queue: bool) {
         io::Result::Ok(())
     })
     .await;
-    let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Write);
+    let _ = stream.shutdown_write();
     // After a protocol failure the peer may still be sending: read until it
     // closes. Otherwise (drain, normal close, refusals) the peer is expected
     // to be done; a well-behaved one closes at once anyway.

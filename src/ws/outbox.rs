@@ -5,14 +5,81 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes};
-use tokio::net::TcpStream;
+use bytes::{Buf, BufMut, Bytes};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::lock::lock;
 use crate::metrics as m;
 use crate::ws::dialect::Dialect;
+
+/// The byte stream under a socket: the client's TCP connection itself, or,
+/// for a TLS connection, the local end of a socket pair whose other end
+/// `tls::relay` copies to and from the encrypted stream. Both are plain
+/// kernel sockets, so the outbox's non-blocking writes from any thread and
+/// the socket task's readiness reads work the same on either.
+#[derive(Debug)]
+pub(crate) enum Wire {
+    Tcp(TcpStream),
+    Local(UnixStream),
+}
+
+impl Wire {
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Wire::Tcp(s) => s.readable().await,
+            Wire::Local(s) => s.readable().await,
+        }
+    }
+
+    pub async fn writable(&self) -> io::Result<()> {
+        match self {
+            Wire::Tcp(s) => s.writable().await,
+            Wire::Local(s) => s.writable().await,
+        }
+    }
+
+    pub fn poll_read_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self {
+            Wire::Tcp(s) => s.poll_read_ready(cx),
+            Wire::Local(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.try_read(buf),
+            Wire::Local(s) => s.try_read(buf),
+        }
+    }
+
+    pub fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.try_read_buf(buf),
+            Wire::Local(s) => s.try_read_buf(buf),
+        }
+    }
+
+    pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.try_write_vectored(bufs),
+            Wire::Local(s) => s.try_write_vectored(bufs),
+        }
+    }
+
+    /// Shuts our sending side (FIN after the close frame; through TLS, the
+    /// relay then sends close_notify and FIN).
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Wire::Tcp(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
+            Wire::Local(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
+        }
+    }
+}
 
 /// A socket's id, unique on this node.
 pub type ConnId = u64;
@@ -78,7 +145,7 @@ pub struct Outbox {
     pub dialect: Dialect,
     pub closer: Closer,
     /// `None` only in unit tests: frames then just queue.
-    wire: Option<TcpStream>,
+    wire: Option<Wire>,
     out: Mutex<Out>,
     /// Tells the socket's task that a backlog appeared.
     backlog: Notify,
@@ -133,7 +200,7 @@ impl Outbox {
         dialect: Dialect,
         queue_len: usize,
         queue_bytes: usize,
-        wire: Option<TcpStream>,
+        wire: Option<Wire>,
     ) -> Arc<Outbox> {
         Arc::new(Outbox {
             id,
@@ -153,7 +220,7 @@ impl Outbox {
         lock(&self.out)
     }
 
-    pub fn stream(&self) -> Option<&TcpStream> {
+    pub fn stream(&self) -> Option<&Wire> {
         self.wire.as_ref()
     }
 

@@ -24,7 +24,7 @@ use crate::ws::assemble::{Assembler, Step};
 use crate::ws::conn::goodbye;
 use crate::ws::dialect::Dialect;
 use crate::ws::frame::{self, DecodeError};
-use crate::ws::outbox::{Outbox, close_code};
+use crate::ws::outbox::{Outbox, Wire, close_code};
 
 /// Serves echo sockets on `listener` until the process ends; messages up
 /// to `cap` bytes.
@@ -74,7 +74,7 @@ async fn echo(upgrade: fastwebsockets::upgrade::UpgradeFut, cap: usize) {
         Dialect::Events,
         usize::MAX / 2,
         usize::MAX / 2,
-        Some(parts.io.into_inner()),
+        Some(Wire::Tcp(parts.io.into_inner())),
     );
     let Some(stream) = outbox.stream() else {
         return;

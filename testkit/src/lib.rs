@@ -153,6 +153,14 @@ impl Launch {
         self
     }
 
+    /// Waits only until the port accepts a TCP connection (a node serving
+    /// TLS, which this crate's plain HTTP probe cannot ask; the caller
+    /// probes over TLS itself).
+    pub fn wait_listening(mut self) -> Launch {
+        self.probe = "";
+        self
+    }
+
     /// How long to wait for the probe (default 30 s).
     pub fn within(mut self, within: Duration) -> Launch {
         self.within = within;
@@ -200,7 +208,11 @@ impl Launch {
         };
         let deadline = Instant::now() + self.within;
         loop {
-            if let Ok((200, _)) = http(addr, "GET", self.probe, &[], None).await {
+            if self.probe.is_empty() {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    return node;
+                }
+            } else if let Ok((200, _)) = http(addr, "GET", self.probe, &[], None).await {
                 return node;
             }
             if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {

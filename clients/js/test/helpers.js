@@ -5,6 +5,7 @@
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdtempSync, existsSync } from 'node:fs';
+import { request as httpsRequest } from 'node:https';
 import { connect as tcpConnect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -165,16 +166,21 @@ export class Balancer {
 
 /** A node process; `stop()` sends SIGTERM (drain) and waits for exit. */
 export class Node {
-  /** `env`: extra environment, e.g. `{REDIS_URL}` for a cluster node. */
-  constructor(port, dbDir, env = {}) {
+  /**
+   * `env`: extra environment, e.g. `{REDIS_URL}` for a cluster node.
+   * `tls`: `{ca}` (PEM) when the node serves TLS (`TLS_CERT_FILE` in `env`):
+   * the helpers' own requests then go over https trusting `ca`.
+   */
+  constructor(port, dbDir, env = {}, tls = null) {
     this.port = port;
     this.dbDir = dbDir ?? mkdtempSync(join(tmpdir(), 'sbjs-'));
     this.env = env;
+    this.tls = tls;
     this.child = null;
   }
 
   static async start(t, options = {}) {
-    const n = new Node(await freePort(), options.dbDir, options.env);
+    const n = new Node(await freePort(), options.dbDir, options.env, options.tls);
     await n.spawn();
     t.after(() => n.kill());
     return n;
@@ -192,11 +198,33 @@ export class Node {
   }
 
   get http() {
-    return `http://127.0.0.1:${this.port}`;
+    return `${this.tls ? 'https' : 'http'}://127.0.0.1:${this.port}`;
   }
 
   ws(path) {
-    return `ws://127.0.0.1:${this.port}${path}`;
+    return `${this.tls ? 'wss' : 'ws'}://127.0.0.1:${this.port}${path}`;
+  }
+
+  /**
+   * A request to this node: `{status, text}`. Plain: `fetch`. TLS: node:https
+   * trusting `tls.ca` (Node 20's fetch cannot be given a CA).
+   */
+  async request(path, init = {}) {
+    if (!this.tls) {
+      const r = await fetch(`${this.http}${path}`, init);
+      return { status: r.status, text: await r.text() };
+    }
+    return new Promise((res, rej) => {
+      const options = { method: init.method ?? 'GET', headers: init.headers ?? {}, ca: this.tls.ca, agent: false };
+      const req = httpsRequest(`${this.http}${path}`, options, (r) => {
+        let text = '';
+        r.setEncoding('utf8');
+        r.on('data', (d) => (text += d));
+        r.on('end', () => res({ status: r.statusCode, text }));
+      });
+      req.on('error', rej);
+      req.end(init.body);
+    });
   }
 
   async spawn() {
@@ -217,7 +245,7 @@ export class Node {
     const deadline = Date.now() + 20000;
     for (;;) {
       try {
-        const r = await fetch(`${this.http}/readyz`);
+        const r = await this.request('/readyz');
         if (r.status === 200) return;
       } catch {}
       if (Date.now() > deadline) throw new Error('node did not start');
@@ -244,22 +272,21 @@ export class Node {
   }
 
   async call(method, path, token, body) {
-    const r = await fetch(`${this.http}${path}`, {
+    const r = await this.request(path, {
       method,
       headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
-    const text = await r.text();
-    return { status: r.status, body: text ? JSON.parse(text) : null };
+    return { status: r.status, body: r.text ? JSON.parse(r.text) : null };
   }
 
   async publish(room, type, data) {
-    const r = await fetch(`${this.http}/api/publish`, {
+    const r = await this.request('/api/publish', {
       method: 'POST',
       headers: { 'x-api-key': API_KEY, 'content-type': 'application/json' },
       body: JSON.stringify({ room, type, data }),
     });
-    if (r.status !== 204) throw new Error(`publish ${r.status}: ${await r.text()}`);
+    if (r.status !== 204) throw new Error(`publish ${r.status}: ${r.text}`);
   }
 }
 

@@ -10,10 +10,17 @@
 //!   resumes by itself on every reconnect ([`positions`]: `since`, SPEC §10)
 //!   and signals `Resync` for a room that was not recovered, whose orders
 //!   the cache then refetches.
+//! - [`Tls`]: `wss://` (and `https://` for the orders refetch) with rustls,
+//!   trusting the roots the caller gives (a CA or a self-signed certificate
+//!   in PEM, or a whole `rustls::ClientConfig`).
 
 pub mod cache;
 pub mod positions;
 pub mod reconnect;
+
+/// The rustls this crate speaks TLS with (to build a [`Tls`] from a
+/// `ClientConfig` of one's own).
+pub use tokio_rustls::rustls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,9 +31,11 @@ use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketWrite};
 use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::WriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -36,6 +45,105 @@ pub enum ClientError {
     Ws(#[from] fastwebsockets::WebSocketError),
     #[error("request: {0}")]
     Http(#[from] hyper::http::Error),
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// TLS settings for `wss://`: whom to trust and the name the server's
+/// certificate must carry. Cheap to clone.
+#[derive(Clone)]
+pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl Tls {
+    /// Trusts the certificates in `pem` (a CA, or the server's own
+    /// self-signed certificate) and expects `server_name` (a DNS name or an
+    /// IP address) in the server's certificate.
+    pub fn trusting_pem(pem: &[u8], server_name: &str) -> Result<Tls, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| ClientError::Tls(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(ClientError::Tls("no certificate in the PEM".into()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Tls::with_config(Arc::new(config), server_name)
+    }
+
+    /// A rustls client config of the caller's (its own roots, client
+    /// certificates…); set `alpn_protocols` to `http/1.1` or leave it empty.
+    pub fn with_config(
+        config: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<Tls, ClientError> {
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| ClientError::Tls(format!("{server_name:?}: {e}")))?;
+        Ok(Tls {
+            config,
+            server_name,
+        })
+    }
+
+    /// The TLS handshake on a connected `tcp`.
+    pub async fn wrap(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+        let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+        Ok(connector.connect(self.server_name.clone(), tcp).await?)
+    }
+}
+
+/// A byte stream a socket or a request can run on: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A connection to `addr` (from `local` when given), through TLS when `tls`
+/// is given.
+pub async fn connect_stream(
+    addr: SocketAddr,
+    local: Option<std::net::IpAddr>,
+    tls: Option<&Tls>,
+) -> Result<Box<dyn Io>, ClientError> {
+    let tcp = match local {
+        None => tokio::net::TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let s = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            s.bind(SocketAddr::new(ip, 0))?;
+            s.connect(addr).await?
+        }
+    };
+    tcp.set_nodelay(true)?;
+    Ok(match tls {
+        None => Box::new(tcp),
+        Some(tls) => Box::new(tls.wrap(tcp).await?),
+    })
 }
 
 /// What the server sent.
@@ -61,12 +169,13 @@ where
 pub type WebSocketStream = WebSocket<TokioIo<Upgraded>>;
 
 /// The WebSocket upgrade of `path` (with its query, e.g. `/ws?token=…`) on
-/// `tcp`, connected to `addr` (the `Host`), with extra request `headers`. The socket keeps
+/// `tcp` (a `TcpStream`, or any [`Io`], e.g. a TLS stream), connected to
+/// `addr` (the `Host`), with extra request `headers`. The socket keeps
 /// fastwebsockets' defaults (auto pong and close); [`Socket::connect`] turns
 /// them off and reads it from a task, and a caller that needs raw frames
 /// (the integration tests' client) can do its own reading.
 pub async fn handshake(
-    tcp: TcpStream,
+    tcp: impl Io,
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
@@ -115,20 +224,19 @@ impl Socket {
         local: Option<std::net::IpAddr>,
         queue: usize,
     ) -> Result<Socket, ClientError> {
-        let tcp = match local {
-            None => tokio::net::TcpStream::connect(addr).await?,
-            Some(ip) => {
-                let s = if addr.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                s.bind(SocketAddr::new(ip, 0))?;
-                s.connect(addr).await?
-            }
-        };
-        tcp.set_nodelay(true)?;
-        let ws = handshake(tcp, addr, path, &[]).await?;
+        Socket::connect_with(addr, path, local, queue, None).await
+    }
+
+    /// [`Socket::connect`], over `wss://` when `tls` is given.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        local: Option<std::net::IpAddr>,
+        queue: usize,
+        tls: Option<&Tls>,
+    ) -> Result<Socket, ClientError> {
+        let io = connect_stream(addr, local, tls).await?;
+        let ws = handshake(io, addr, path, &[]).await?;
         let (mut rd, wr) = ws.split(tokio::io::split);
         rd.set_auto_pong(false);
         rd.set_auto_close(false);

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::cache::{DriverPositions, OrdersCache, is_orders_room};
 use crate::positions::{Positions, RoomPosition, Seen};
-use crate::{Incoming, Socket};
+use crate::{Incoming, Socket, Tls};
 
 /// Close codes after which reconnecting cannot help.
 pub const FATAL: [u16; 2] = [4001, 4003];
@@ -51,6 +51,8 @@ pub struct ClientConfig {
     /// (default on, except on the driver endpoint, whose frames are not
     /// orders events).
     pub reload_orders: bool,
+    /// `wss://` (and `https://` for the refetch) when set; plain otherwise.
+    pub tls: Option<Tls>,
 }
 
 impl ClientConfig {
@@ -65,6 +67,7 @@ impl ClientConfig {
             ping_every: Some(Duration::from_secs(25)),
             since: BTreeMap::new(),
             reload_orders: !path.starts_with("/ws/driver/"),
+            tls: None,
         }
     }
 }
@@ -196,6 +199,7 @@ impl Client {
             let (tx, rx) = mpsc::unbounded_channel();
             let r = Reloader {
                 addr: config.addr,
+                tls: config.tls.clone(),
                 token: config.token.clone(),
                 orders: orders.clone(),
                 events: ev_tx.clone(),
@@ -304,7 +308,9 @@ async fn run(config: ClientConfig, shared: Shared, mut outgoing: mpsc::Unbounded
             Some(since) => format!("{base}&since={since}"),
             None => base.clone(),
         };
-        let code = match Socket::connect(config.addr, &path, None, 1024).await {
+        let code = match Socket::connect_with(config.addr, &path, None, 1024, config.tls.as_ref())
+            .await
+        {
             Err(_) => 1006,
             Ok(mut sock) => {
                 attempt = 0;
@@ -405,6 +411,7 @@ async fn run(config: ClientConfig, shared: Shared, mut outgoing: mpsc::Unbounded
 /// the rooms that arrive meanwhile are gathered into the next.
 struct Reloader {
     addr: SocketAddr,
+    tls: Option<Tls>,
     token: String,
     orders: Arc<Mutex<OrdersCache>>,
     events: mpsc::UnboundedSender<ClientEvent>,
@@ -451,10 +458,10 @@ impl Reloader {
 
     /// Every page of `GET /api/orders` on one kept-alive connection.
     async fn fetch(&self) -> Result<(Vec<Value>, bool), String> {
-        let tcp = tokio::net::TcpStream::connect(self.addr)
+        let io = crate::connect_stream(self.addr, None, self.tls.as_ref())
             .await
             .map_err(|e| e.to_string())?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| e.to_string())?;
         let conn = tokio::spawn(conn);
