@@ -220,6 +220,13 @@ db_variants!(
     crate::gives_up_after_the_give_up_time
 );
 
+/// How many drivers an admin sees next to the pickup point.
+async fn nearby_count(addr: std::net::SocketAddr) -> usize {
+    let path = format!("/api/drivers/nearby?lat={}&lon={}", PICKUP.0, PICKUP.1);
+    let (_, b) = call(addr, "GET", &path, &admin(), None).await;
+    b["items"].as_array().map(Vec::len).unwrap_or(0)
+}
+
 /// A driver whose socket closed is offline at once: no offer, though its
 /// last position is fresh. Embedded and on Redis.
 async fn closed_socket_gets_no_offer(db: &TestDb, redis: Option<&RedisServer>, base: i64) {
@@ -230,28 +237,12 @@ async fn closed_socket_gets_no_offer(db: &TestDb, redis: Option<&RedisServer>, b
     d.send_json(json!({"type": "location", "latitude": PICKUP.0 + 0.003, "longitude": PICKUP.1}))
         .await;
     eventually(WAIT, "the driver listed", || async {
-        let (_, b) = call(
-            n.addr,
-            "GET",
-            &format!("/api/drivers/nearby?lat={}&lon={}", PICKUP.0, PICKUP.1),
-            &admin(),
-            None,
-        )
-        .await;
-        (b["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+        (nearby_count(n.addr).await == 1).then_some(())
     })
     .await;
     drop(d);
     eventually(WAIT, "the driver gone", || async {
-        let (_, b) = call(
-            n.addr,
-            "GET",
-            &format!("/api/drivers/nearby?lat={}&lon={}", PICKUP.0, PICKUP.1),
-            &admin(),
-            None,
-        )
-        .await;
-        (b["items"].as_array().map(Vec::len) == Some(0)).then_some(())
+        (nearby_count(n.addr).await == 0).then_some(())
     })
     .await;
     let order = create_order(n.addr, &admin(), order_at(PICKUP.0, PICKUP.1)).await;
@@ -314,25 +305,14 @@ async fn driver_of_a_killed_node_goes_offline_within_15_s() {
     let d = connect_ready(doomed.addr, "/ws/driver/orders/", &t).await;
     d.send_json(json!({"type": "location", "latitude": PICKUP.0 + 0.003, "longitude": PICKUP.1}))
         .await;
-    let nearby = || async {
-        let (_, b) = call(
-            n.addr,
-            "GET",
-            &format!("/api/drivers/nearby?lat={}&lon={}", PICKUP.0, PICKUP.1),
-            &admin(),
-            None,
-        )
-        .await;
-        b["items"].as_array().map(Vec::len).unwrap_or(0)
-    };
     eventually(WAIT, "the driver listed", || async {
-        (nearby().await == 1).then_some(())
+        (nearby_count(n.addr).await == 1).then_some(())
     })
     .await;
     doomed.kill();
     let killed = Instant::now();
     eventually(Duration::from_secs(16), "the driver offline", || async {
-        (nearby().await == 0).then_some(())
+        (nearby_count(n.addr).await == 0).then_some(())
     })
     .await;
     let took = killed.elapsed();

@@ -109,10 +109,15 @@ pub async fn run(
         }
     }
     let (_, metrics) = conn.request("GET", "/metrics", &[], None).await?;
-    let offered = metric_sum(
-        &String::from_utf8_lossy(&metrics),
-        r#"switchboard_offers_total{outcome="made"}"#,
-    ) as usize;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let offered = metric_sum(&metrics, r#"switchboard_offers_total{outcome="made"}"#) as usize;
+    // The lookup alone, as the node timed it: the Lua round trip (GEOSEARCH,
+    // freshness, availability and presence checks), from its histogram.
+    let lookup = bucket_quantiles(
+        &metrics,
+        "switchboard_redis_command_duration_seconds",
+        "geo_nearest",
+    );
     drop(nodes);
     let db_kind = if db_url.starts_with("sqlite") {
         "sqlite"
@@ -132,13 +137,17 @@ pub async fn run(
         pct(&nearest)
     );
     println!(
+        "  nearest-driver lookup alone (node's switchboard_redis_command_duration_seconds{{op=\"geo_nearest\"}}, bucket upper bounds): {lookup}"
+    );
+    println!(
         "  full dispatch (POST /api/orders: order insert + publish + nearest + DB checks + offer insert + deadline + publish): {}",
         pct(&dispatch)
     );
     println!(
         "{}",
         json!({"scenario": "assign", "drivers": drivers, "orders": dispatch.len(), "offered": offered,
-               "db": db_kind, "http_floor": pct(&floor), "nearest": pct(&nearest), "dispatch": pct(&dispatch)})
+               "db": db_kind, "http_floor": pct(&floor), "nearest": pct(&nearest), "lookup": lookup,
+               "dispatch": pct(&dispatch)})
     );
     Ok(())
 }
@@ -149,4 +158,40 @@ fn metric_sum(text: &str, series: &str) -> f64 {
     text.lines()
         .filter_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
         .sum()
+}
+
+/// p50 and p99 of a Prometheus histogram's `op` series, each as the upper
+/// bound (ms) of the bucket it falls in, and the share of samples within
+/// 1 ms and within 2.5 ms (bucket bounds; 2 ms is not one).
+fn bucket_quantiles(text: &str, name: &str, op: &str) -> Value {
+    let prefix = format!("{name}_bucket{{op=\"{op}\",le=\"");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, n) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, n.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= q * total)
+            .map(|(le, _)| le * 1000.0)
+    };
+    let share = |ms: f64| {
+        buckets
+            .iter()
+            .find(|(le, _)| (*le * 1000.0 - ms).abs() < 1e-9)
+            .map(|(_, n)| n / total.max(1.0))
+    };
+    json!({"count": total, "p50_le_ms": at(0.5), "p99_le_ms": at(0.99),
+           "share_le_1ms": share(1.0), "share_le_2_5ms": share(2.5)})
 }
