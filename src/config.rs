@@ -35,7 +35,8 @@ pub struct Settings {
     /// HTTP + WebSocket listen address.
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "0.0.0.0:3000")]
     pub listen: String,
-    /// Redis URL; unset = embedded single-node mode.
+    /// Redis URL; unset = embedded single-node mode. A Redis Cluster is
+    /// `redis+cluster://host:port[,host:port…]` (seed nodes).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Database URL (SQLite or PostgreSQL).
@@ -393,11 +394,13 @@ impl Config {
             .parse()
             .map_err(|e| invalid("SWITCHBOARD_LISTEN", format!("{:?}: {e}", s.listen)))?;
         if let Some(url) = &s.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+cluster://"))
         {
             return Err(invalid(
                 "REDIS_URL",
-                "must start with redis:// or rediss://",
+                "must start with redis://, rediss:// or redis+cluster://",
             ));
         }
         if !(s.database_url.starts_with("sqlite:")

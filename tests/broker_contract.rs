@@ -123,6 +123,13 @@ async fn wait_healthy<B: Broker>(broker: &B, healthy: bool) {
 
 /// The one contract body, for any broker `make` builds over a sink.
 async fn contract<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B) {
+    contract_with(make, true).await
+}
+
+/// `list_order`: the rooms of one event arrive in the order of its list.
+/// A Redis Cluster does not promise it (the rooms' shards are different
+/// connections); per room, order holds everywhere.
+async fn contract_with<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B, list_order: bool) {
     let (sink, mut rx) = TestSink::new();
     let broker = Arc::new(make(sink.clone() as Arc<dyn Sink>));
     wait_healthy(&*broker, true).await;
@@ -158,12 +165,20 @@ async fn contract<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B) {
     for rooms in [["r3", "r1", "r2"], ["r1", "r2", "r3"]] {
         let e = custom(&rooms, 2);
         broker.publish(Arc::new(e.clone())).await.unwrap();
-        for r in rooms {
-            assert_eq!(
-                next(&mut rx, "multi-room").await,
-                (r.to_string(), e.clone())
-            );
+        let mut got = Vec::new();
+        for _ in rooms {
+            let (r, ev) = next(&mut rx, "multi-room").await;
+            assert_eq!(ev, e);
+            got.push(r);
         }
+        if !list_order {
+            got.sort();
+        }
+        let mut want: Vec<String> = rooms.iter().map(|r| r.to_string()).collect();
+        if !list_order {
+            want.sort();
+        }
+        assert_eq!(got, want, "multi-room");
         assert_nothing_else(&*broker, &mut rx, "r2", "after a multi-room publish").await;
     }
 
@@ -230,14 +245,20 @@ impl RedisSetup {
             stop: CancellationToken::new(),
         }
     }
+    /// Brokers on a Redis Cluster (`redis+cluster://`).
+    fn cluster(cluster: &RedisCluster) -> RedisSetup {
+        RedisSetup {
+            url: cluster.url(),
+            stop: CancellationToken::new(),
+        }
+    }
     /// A RedisBroker as a node builds it, under its own key prefix.
     fn broker(&self, prefix: &str, sink: Arc<dyn Sink>) -> RedisBroker {
         self.broker_with(prefix, sink, HISTORY)
     }
     fn broker_with(&self, prefix: &str, sink: Arc<dyn Sink>, h: HistoryConfig) -> RedisBroker {
-        let client = redis::Client::open(self.url.as_str()).unwrap();
-        let pool = switchboard::redis_pool(&self.url).unwrap();
-        RedisBroker::start(client, pool, prefix, sink, self.stop.clone(), h)
+        let redis = switchboard::Redis::open(&self.url).unwrap();
+        RedisBroker::start(redis, prefix, sink, self.stop.clone(), h)
     }
 }
 
@@ -636,4 +657,125 @@ async fn history_expires_after_its_ttl() {
     assert_ne!(m2.epoch, m1.epoch);
     assert_ne!(r2.epoch, r1.epoch);
     assert_eq!((m2.offset, r2.offset), (0, 0));
+}
+
+// ---------------------------------------------------------------------------
+// On a real 3-master Redis Cluster (sharded pub/sub, history in the room's slot)
+
+#[tokio::test]
+async fn redis_cluster_broker_meets_the_contract() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let setup = RedisSetup::cluster(&cluster);
+    contract_with(|sink| setup.broker("ct:", sink), false).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_broker_keeps_history() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let setup = RedisSetup::cluster(&cluster);
+    history_contract(|sink| setup.broker_with("ht:", sink, SMALL)).await;
+    // The room's stream, meta and channel share the room's slot.
+    let slot = |k: &str| -> i64 {
+        redis::from_redis_value(
+            cluster
+                .on(
+                    cluster.ports[0],
+                    redis::cmd("CLUSTER").arg("KEYSLOT").arg(k),
+                )
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(slot("ht:hist:{h}"), slot("ht:room:{h}"));
+    assert_eq!(slot("ht:hist:{h}:meta"), slot("ht:room:{h}"));
+    let len: i64 = redis::from_redis_value(
+        cluster
+            .on(
+                cluster.master_of("ht:hist:{h}"),
+                redis::cmd("XLEN").arg("ht:hist:{h}"),
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(len, 3, "the stream is readable on the room's master");
+}
+
+/// Rooms on different masters: another node's broker gets each of them,
+/// through sharded subscriptions held on each room's master.
+#[tokio::test]
+async fn redis_cluster_brokers_deliver_across_masters() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    // Enough rooms that every master owns some of them.
+    let rooms: Vec<String> = (0..12).map(|i| format!("room-{i}")).collect();
+    let masters: HashSet<u16> = rooms
+        .iter()
+        .map(|r| cluster.master_of(&format!("ct:room:{{{r}}}")))
+        .collect();
+    assert_eq!(masters.len(), 3, "the rooms land on all three masters");
+    let setup = RedisSetup::cluster(&cluster);
+    let (sink_a, mut rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("ct:", sink_a.clone());
+    let b = setup.broker("ct:", sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    for r in &rooms {
+        sink_b.want(r, true);
+        b.reconcile(r).await.unwrap();
+    }
+    sink_a.want("room-0", true);
+    a.reconcile("room-0").await.unwrap();
+    // Each room's master counts its sharded subscribers (b; a too on room-0).
+    for r in &rooms {
+        let ch = format!("ct:room:{{{r}}}");
+        let v = cluster
+            .on(
+                cluster.master_of(&ch),
+                redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&ch),
+            )
+            .unwrap();
+        let counts: Vec<(String, i64)> = redis::from_redis_value(v).unwrap();
+        let n = if r == "room-0" { 2 } else { 1 };
+        assert_eq!(counts, vec![(ch.clone(), n)], "{ch}");
+    }
+    // One event to every room, then one per room: all arrive, per room in order.
+    let all: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let e = custom(&all, 1);
+    a.publish(Arc::new(e.clone())).await.unwrap();
+    let singles: Vec<Event> = rooms.iter().map(|r| custom(&[r.as_str()], 2)).collect();
+    for single in &singles {
+        a.publish(Arc::new(single.clone())).await.unwrap();
+    }
+    let mut got: Vec<(String, Event)> = Vec::new();
+    for _ in 0..rooms.len() * 2 {
+        got.push(next(&mut rx_b, "b").await);
+    }
+    for (r, single) in rooms.iter().zip(&singles) {
+        let mine: Vec<&Event> = got.iter().filter(|(g, _)| g == r).map(|(_, e)| e).collect();
+        assert_eq!(mine.len(), 2, "{r}: {mine:?}");
+        assert_eq!(mine[0], &e, "{r}: the multi-room event first");
+        assert_eq!(mine[1], single);
+    }
+    assert_eq!(next(&mut rx_a, "a").await, ("room-0".into(), e));
+    assert_eq!(
+        next(&mut rx_a, "a").await,
+        ("room-0".into(), singles[0].clone())
+    );
+    assert_nothing_else(&b, &mut rx_b, "room-2", "node b").await;
+    assert_nothing_else(&a, &mut rx_a, "room-0", "node a").await;
+    // Unwanting drops the sharded subscription on that room's master.
+    sink_b.want("room-1", false);
+    b.reconcile("room-1").await.unwrap();
+    let ch = "ct:room:{room-1}";
+    let v = cluster
+        .on(
+            cluster.master_of(ch),
+            redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(ch),
+        )
+        .unwrap();
+    let counts: Vec<(String, i64)> = redis::from_redis_value(v).unwrap();
+    assert_eq!(counts, vec![(ch.to_string(), 0)]);
 }
