@@ -138,6 +138,8 @@ impl RedisCluster {
                 ])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                 .args(["--cluster-node-timeout", "1000"])
+                // A replica may take over whatever its replication lag.
+                .args(["--cluster-replica-validity-factor", "0"])
                 .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
                 .arg("--dir")
                 .arg(c._dir.path())
@@ -168,6 +170,22 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         c.wait_ok(Duration::from_secs(30));
+        // Replicas have synced with their masters (a failover test kills one).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &p in &c.ports {
+            loop {
+                let info = c
+                    .on(p, redis::cmd("INFO").arg("replication"))
+                    .ok()
+                    .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                    .unwrap_or_default();
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replica {p} never synced");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         c
     }
 
