@@ -78,11 +78,13 @@ enum Inner {
         pool: deadpool_redis::Pool,
         url: String,
     },
-    Cluster {
-        nodes: Vec<String>,
-        client: redis::cluster::ClusterClient,
-        current: std::sync::Mutex<Option<redis::cluster_async::ClusterConnection>>,
-    },
+    Cluster(Box<Cluster>),
+}
+
+struct Cluster {
+    nodes: Vec<String>,
+    client: redis::cluster::ClusterClient,
+    current: std::sync::Mutex<Option<redis::cluster_async::ClusterConnection>>,
 }
 
 impl Redis {
@@ -100,24 +102,26 @@ impl Redis {
                     .response_timeout(CALL_TIMEOUT)
                     .build()
                     .map_err(|e| RedisError::Pool(e.to_string()))?;
-                Ok(Redis(std::sync::Arc::new(Inner::Cluster {
-                    nodes,
-                    client,
-                    current: std::sync::Mutex::new(None),
-                })))
+                Ok(Redis(std::sync::Arc::new(Inner::Cluster(Box::new(
+                    Cluster {
+                        nodes,
+                        client,
+                        current: std::sync::Mutex::new(None),
+                    },
+                )))))
             }
         }
     }
 
     pub fn is_cluster(&self) -> bool {
-        matches!(*self.0, Inner::Cluster { .. })
+        matches!(*self.0, Inner::Cluster(_))
     }
 
     /// The seed node URLs in cluster mode.
     pub fn cluster_seeds(&self) -> Option<&[String]> {
         match &*self.0 {
             Inner::Single { .. } => None,
-            Inner::Cluster { nodes, .. } => Some(nodes),
+            Inner::Cluster(c) => Some(&c.nodes),
         }
     }
 
@@ -127,7 +131,7 @@ impl Redis {
             Inner::Single { url, .. } => {
                 Some(redis::Client::open(url.as_str()).map_err(|e| RedisError::Pool(e.to_string())))
             }
-            Inner::Cluster { .. } => None,
+            Inner::Cluster(_) => None,
         }
     }
 
@@ -141,8 +145,8 @@ impl Redis {
     ) -> Option<Result<redis::cluster::ClusterClient, RedisError>> {
         match &*self.0 {
             Inner::Single { .. } => None,
-            Inner::Cluster { nodes, .. } => Some(
-                redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            Inner::Cluster(c) => Some(
+                redis::cluster::ClusterClientBuilder::new(c.nodes.clone())
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .push_sender(push)
                     .connection_timeout(Duration::from_secs(2))
@@ -164,17 +168,15 @@ impl Redis {
                     .map_err(|e| RedisError::Pool(e.to_string()))?;
                 Ok(Conn::Single((*obj).clone()))
             }
-            Inner::Cluster {
-                client, current, ..
-            } => {
-                if let Some(c) = lock(current).clone() {
+            Inner::Cluster(cl) => {
+                if let Some(c) = lock(&cl.current).clone() {
                     return Ok(Conn::Cluster(c));
                 }
-                let c = tokio::time::timeout(CALL_TIMEOUT, client.get_async_connection())
+                let c = tokio::time::timeout(CALL_TIMEOUT, cl.client.get_async_connection())
                     .await
                     .map_err(|_| RedisError::Timeout)?
                     .map_err(|e| RedisError::Pool(e.to_string()))?;
-                *lock(current) = Some(c.clone());
+                *lock(&cl.current) = Some(c.clone());
                 Ok(Conn::Cluster(c))
             }
         }
@@ -183,8 +185,8 @@ impl Redis {
     /// Forget the cluster connection after an error (the next call makes a
     /// new one from the seeds); a no-op for one Redis.
     pub fn broken(&self) {
-        if let Inner::Cluster { current, .. } = &*self.0 {
-            *lock(current) = None;
+        if let Inner::Cluster(c) = &*self.0 {
+            *lock(&c.current) = None;
         }
     }
 }
