@@ -932,3 +932,69 @@ async fn redis_cluster_failover_is_survived_and_recovery_covers_the_gap() {
         }
     }
 }
+
+/// Messages a node's sharded subscription never saw (its shard connection
+/// was gone for a moment) are read back from the room's history and handed
+/// over first, in order, when the next live message shows the gap. The gap
+/// is made by appending to the history behind the broker's back, without
+/// publishing, as a lost message would leave it.
+#[tokio::test]
+async fn redis_cluster_subscriber_fills_a_gap_from_history() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let setup = RedisSetup::cluster(&cluster);
+    let (sink_a, _rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("gap:", sink_a.clone());
+    let b = setup.broker("gap:", sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    sink_b.want("g", true);
+    b.reconcile("g").await.unwrap();
+    let first = custom(&["g"], 1);
+    a.publish(Arc::new(first.clone())).await.unwrap();
+    assert_eq!(next(&mut rx_b, "first").await, ("g".into(), first));
+    // Offsets 2 and 3 enter the history without a live message.
+    let master = cluster.master_of("gap:hist:{g}");
+    let lost: Vec<Event> = (2..=3).map(|n| custom(&["g"], n)).collect();
+    for e in &lost {
+        let off: i64 = redis::from_redis_value(
+            cluster
+                .on(
+                    master,
+                    redis::cmd("HINCRBY")
+                        .arg("gap:hist:{g}:meta")
+                        .arg("o")
+                        .arg(1),
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        cluster
+            .on(
+                master,
+                redis::cmd("XADD")
+                    .arg("gap:hist:{g}")
+                    .arg(format!("{off}-0"))
+                    .arg("d")
+                    .arg(serde_json::to_string(e).unwrap()),
+            )
+            .unwrap();
+    }
+    let fourth = custom(&["g"], 4);
+    a.publish(Arc::new(fourth.clone())).await.unwrap();
+    assert_eq!(
+        next(&mut rx_b, "filled").await,
+        ("g".into(), lost[0].clone())
+    );
+    assert_eq!(
+        next(&mut rx_b, "filled").await,
+        ("g".into(), lost[1].clone())
+    );
+    assert_eq!(next(&mut rx_b, "live").await, ("g".into(), fourth));
+    assert_eq!(
+        offsets_of(&sink_b, "g"),
+        vec![Some(1), Some(2), Some(3), Some(4)]
+    );
+    assert_nothing_else(&b, &mut rx_b, "g", "after the gap").await;
+}

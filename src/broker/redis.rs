@@ -35,7 +35,7 @@
 //!   (which never blocks) and reports the end of the stream; the subscriber
 //!   then reconnects with backoff and re-subscribes every wanted room.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError, Delivery, Replay, Sink, new_epoch};
 use crate::config::HistoryConfig;
 use crate::event::{Event, StreamPos};
+use crate::lock::lock;
 use crate::metrics as m;
 use crate::redis_conn::{Conn, HotConn, Redis, RedisError, timed};
 
@@ -260,6 +261,7 @@ impl RedisBroker {
         let sub = Subscriber {
             redis: redis.clone(),
             names: names.clone(),
+            last: Default::default(),
             sink,
             healthy: healthy.clone(),
             cmd_tx: sub_tx.clone(),
@@ -532,6 +534,9 @@ fn decode(names: &RoomKeys, msg: redis::Msg, batch: &mut Vec<Delivery>) {
 struct Subscriber {
     redis: Redis,
     names: RoomKeys,
+    /// Cluster mode: the last history offset delivered per subscribed room
+    /// ([`GapFill`]).
+    last: Arc<std::sync::Mutex<HashMap<String, u64>>>,
     sink: Arc<dyn Sink>,
     healthy: Arc<AtomicBool>,
     cmd_tx: mpsc::UnboundedSender<SubCmd>,
@@ -738,6 +743,11 @@ impl Subscriber {
         let names = self.names.clone();
         let lost = self.cmd_tx.clone();
         let healthy = self.healthy.clone();
+        let gaps = GapFill {
+            hot: HotConn::new(self.redis.clone()),
+            names: self.names.clone(),
+            last: self.last.clone(),
+        };
         let reader = tokio::spawn(async move {
             let mut batch = Vec::new();
             let take = |p: redis::PushInfo, batch: &mut Vec<Delivery>| match p.kind {
@@ -761,6 +771,7 @@ impl Subscriber {
                     }
                 }
                 if !batch.is_empty() {
+                    gaps.fill(&*sink, &mut batch).await;
                     sink.deliver_batch(&batch);
                     batch.clear();
                 }
@@ -982,8 +993,10 @@ impl Subscriber {
         match r {
             Ok(()) => {
                 subscribed.extend(to_sub);
+                let mut last = lock(&self.last);
                 for room in &to_unsub {
                     subscribed.remove(room);
+                    last.remove(room);
                 }
                 Ok(())
             }
@@ -992,6 +1005,107 @@ impl Subscriber {
                 Err(e)
             }
         }
+    }
+}
+
+/// Cluster mode: a room's live messages skipped offsets (its shard's
+/// subscription was gone for a moment: a failover, a reconnect, a slot
+/// move), so the missing events are read from the room's history and handed
+/// to the hub first, in order. Sockets that stayed connected then miss
+/// nothing the history still holds; a socket that reconnects resumes with
+/// `since` as usual.
+struct GapFill {
+    hot: HotConn,
+    names: RoomKeys,
+    last: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+}
+
+/// At most this many events are read back for one gap.
+const GAP_MAX: usize = 1000;
+
+impl GapFill {
+    async fn fill(&self, sink: &dyn Sink, batch: &mut Vec<Delivery>) {
+        if !batch.iter().any(|d| d.offset.is_some()) {
+            return;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch.drain(..) {
+            if let Some(o) = d.offset {
+                let prev = {
+                    let mut last = lock(&self.last);
+                    if sink.wants(&d.room) {
+                        last.insert(d.room.clone(), o)
+                    } else {
+                        last.remove(&d.room);
+                        None
+                    }
+                };
+                // A lower offset means a new epoch: nothing to fill.
+                if let Some(p) = prev
+                    && o > p + 1
+                {
+                    match self.missing(&d.room, p, o).await {
+                        Ok(events) => {
+                            tracing::info!(
+                                room = %d.room,
+                                from = p + 1,
+                                to = o - 1,
+                                found = events.len(),
+                                "filled a subscription gap from history"
+                            );
+                            out.extend(events.into_iter().map(|(off, event)| Delivery {
+                                room: d.room.clone(),
+                                offset: Some(off),
+                                event,
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, room = %d.room, "subscription gap not filled")
+                        }
+                    }
+                }
+            }
+            out.push(d);
+        }
+        *batch = out;
+    }
+
+    /// The room's history entries after `p` and before `o`.
+    async fn missing(&self, room: &str, p: u64, o: u64) -> Result<Vec<(u64, Event)>, RedisError> {
+        let mut c = self.hot.get().await?;
+        type Entry = (String, Vec<(String, Vec<u8>)>);
+        let entries: Vec<Entry> = match timed(
+            "history_read",
+            redis::cmd("XRANGE")
+                .arg(self.names.stream(room))
+                .arg(format!("{}-0", p + 1))
+                .arg(format!("{}-0", o - 1))
+                .arg("COUNT")
+                .arg(GAP_MAX)
+                .query_async(&mut c),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.hot.broken();
+                return Err(e);
+            }
+        };
+        let mut events = Vec::new();
+        for (id, fields) in entries {
+            let Some(off) = id.split('-').next().and_then(|o| o.parse::<u64>().ok()) else {
+                continue;
+            };
+            let Some((_, data)) = fields.into_iter().find(|(k, _)| k == "d") else {
+                continue;
+            };
+            match serde_json::from_slice::<Event>(&data) {
+                Ok(e) => events.push((off, e)),
+                Err(e) => tracing::warn!(error = %e, "undecodable history entry in {room}"),
+            }
+        }
+        Ok(events)
     }
 }
 
