@@ -666,6 +666,33 @@ mod tests {
     }
 
     #[test]
+    fn redis_urls_name_one_redis_or_a_cluster() {
+        for ok in [
+            "redis://127.0.0.1:6379/",
+            "rediss://redis.example:6380/",
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+        ] {
+            let s = Settings {
+                redis_url: Some(ok.into()),
+                ..Settings::default()
+            };
+            assert_eq!(
+                Config::from_settings(s).unwrap().redis_url.as_deref(),
+                Some(ok)
+            );
+        }
+        let s = Settings {
+            redis_url: Some("http://10.0.0.1:7000".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(
+            e.contains("REDIS_URL") && e.contains("redis+cluster://"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn claim_mapping_parses() {
         let s = Settings {
             jwt_role_claim: Some("app.role".into()),

@@ -170,21 +170,32 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         c.wait_ok(Duration::from_secs(30));
-        // Replicas have synced with their masters (a failover test kills one).
+        // Every replica has synced with its master (a failover test kills
+        // one). A node that is still a bare master counts as nothing: right
+        // after `--cluster create` the replicas may not be replicas yet.
         let deadline = Instant::now() + Duration::from_secs(30);
-        for &p in &c.ports {
-            loop {
-                let info = c
-                    .on(p, redis::cmd("INFO").arg("replication"))
-                    .ok()
-                    .and_then(|v| redis::from_redis_value::<String>(v).ok())
-                    .unwrap_or_default();
-                if info.contains("role:master") || info.contains("master_link_status:up") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "replica {p} never synced");
-                std::thread::sleep(Duration::from_millis(100));
+        loop {
+            let synced = c
+                .ports
+                .iter()
+                .filter(|p| {
+                    c.on(**p, redis::cmd("INFO").arg("replication"))
+                        .ok()
+                        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                        .is_some_and(|info| {
+                            info.contains("role:slave") && info.contains("master_link_status:up")
+                        })
+                })
+                .count();
+            if synced == masters * replicas {
+                break;
             }
+            assert!(
+                Instant::now() < deadline,
+                "{synced} of {} replicas synced",
+                masters * replicas
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
         c
     }
