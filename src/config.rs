@@ -35,7 +35,8 @@ pub struct Settings {
     /// HTTP + WebSocket listen address.
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "0.0.0.0:3000")]
     pub listen: String,
-    /// Redis URL; unset = embedded single-node mode.
+    /// Redis URL; unset = embedded single-node mode. A Redis Cluster is
+    /// `redis+cluster://host:port[,host:port…]` (seed nodes).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Database URL (SQLite or PostgreSQL).
@@ -410,11 +411,13 @@ impl Config {
             .parse()
             .map_err(|e| invalid("SWITCHBOARD_LISTEN", format!("{:?}: {e}", s.listen)))?;
         if let Some(url) = &s.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+cluster://"))
         {
             return Err(invalid(
                 "REDIS_URL",
-                "must start with redis:// or rediss://",
+                "must start with redis://, rediss:// or redis+cluster://",
             ));
         }
         if !(s.database_url.starts_with("sqlite:")
@@ -719,6 +722,33 @@ mod tests {
         let tls = Config::from_settings(s).unwrap().tls.unwrap();
         assert_eq!(tls.cert, PathBuf::from("cert.pem"));
         assert_eq!(tls.key, PathBuf::from("key.pem"));
+    }
+
+    #[test]
+    fn redis_urls_name_one_redis_or_a_cluster() {
+        for ok in [
+            "redis://127.0.0.1:6379/",
+            "rediss://redis.example:6380/",
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+        ] {
+            let s = Settings {
+                redis_url: Some(ok.into()),
+                ..Settings::default()
+            };
+            assert_eq!(
+                Config::from_settings(s).unwrap().redis_url.as_deref(),
+                Some(ok)
+            );
+        }
+        let s = Settings {
+            redis_url: Some("http://10.0.0.1:7000".into()),
+            ..Settings::default()
+        };
+        let e = Config::from_settings(s).unwrap_err().to_string();
+        assert!(
+            e.contains("REDIS_URL") && e.contains("redis+cluster://"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::time::timeout;
 
 use crate::metrics as m;
 use crate::node::app::App;
-use crate::redis_conn::RedisError;
+use crate::redis_conn::{Keys, Redis, RedisError};
 
 const PERIOD: Duration = Duration::from_secs(1);
 /// A node missing this many heartbeats drops out of `/api/stats`.
@@ -36,9 +36,9 @@ pub async fn check_once(app: &App) {
     if app.health.db_ok.swap(db_ok, Ordering::Relaxed) != db_ok {
         report("database", db_ok);
     }
-    if let Some(pool) = &app.redis {
+    if let Some(redis) = &app.redis {
         let start = Instant::now();
-        let ok = timeout(Duration::from_secs(2), heartbeat(app, pool))
+        let ok = timeout(Duration::from_secs(2), heartbeat(app, redis))
             .await
             .map_err(|_| RedisError::Timeout)
             .and_then(|r| r);
@@ -63,23 +63,20 @@ fn report(what: &str, ok: bool) {
     }
 }
 
-async fn heartbeat(app: &App, pool: &deadpool_redis::Pool) -> Result<(), RedisError> {
-    let mut conn = pool
-        .get()
-        .await
-        .map_err(|e| RedisError::Pool(e.to_string()))?;
-    let prefix = &app.config.redis_prefix;
+async fn heartbeat(app: &App, redis: &Redis) -> Result<(), RedisError> {
+    let mut conn = redis.get().await?;
+    let keys = Keys::new(&app.config.redis_prefix, redis.is_cluster());
     let id = &app.config.node_id;
-    redis::pipe()
-        .set_ex(
-            format!("{prefix}node:{id}"),
-            app.node_stats().to_string(),
-            NODE_TTL_SECS,
-        )
+    let r = redis::pipe()
+        .set_ex(keys.node(id), app.node_stats().to_string(), NODE_TTL_SECS)
         .ignore()
-        .sadd(format!("{prefix}nodes"), id)
+        .sadd(keys.nodes(), id)
         .ignore()
         .exec_async(&mut conn)
         .await
-        .map_err(|e| RedisError::Command(e.to_string()))
+        .map_err(|e| RedisError::Command(e.to_string()));
+    if r.is_err() {
+        redis.broken();
+    }
+    r
 }

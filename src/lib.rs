@@ -36,7 +36,7 @@ pub mod ws;
 
 pub use config::Config;
 pub use node::{Node, StartError};
-pub use redis_conn::{RedisError, pool as redis_pool};
+pub use redis_conn::{Redis, RedisError, pool as redis_pool};
 pub use store::StoreError;
 pub use tls::TlsError;
 

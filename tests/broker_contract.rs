@@ -5,8 +5,9 @@
 //! The contract is what a node relies on: after `reconcile(room)` resolves for
 //! a room the sink wants, a publish reaches the sink for that room exactly
 //! once, with the event intact; an event to several rooms arrives once per
-//! room, in the order of its room list; one publisher's events arrive in
-//! publish order. (The memory broker hands every room of an event to the sink
+//! room, in the order of its room list (except on a Redis Cluster, where
+//! each room's shard delivers on its own); one publisher's events arrive in
+//! publish order per room. (The memory broker hands every room of an event to the sink
 //! and lets the sink drop what it does not want, so "an unwanted room is not
 //! delivered" is a Redis-only promise, tested separately below.)
 
@@ -123,6 +124,13 @@ async fn wait_healthy<B: Broker>(broker: &B, healthy: bool) {
 
 /// The one contract body, for any broker `make` builds over a sink.
 async fn contract<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B) {
+    contract_with(make, true).await
+}
+
+/// `list_order`: the rooms of one event arrive in the order of its list.
+/// A Redis Cluster does not promise it (the rooms' shards are different
+/// connections); per room, order holds everywhere.
+async fn contract_with<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B, list_order: bool) {
     let (sink, mut rx) = TestSink::new();
     let broker = Arc::new(make(sink.clone() as Arc<dyn Sink>));
     wait_healthy(&*broker, true).await;
@@ -158,12 +166,20 @@ async fn contract<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B) {
     for rooms in [["r3", "r1", "r2"], ["r1", "r2", "r3"]] {
         let e = custom(&rooms, 2);
         broker.publish(Arc::new(e.clone())).await.unwrap();
-        for r in rooms {
-            assert_eq!(
-                next(&mut rx, "multi-room").await,
-                (r.to_string(), e.clone())
-            );
+        let mut got = Vec::new();
+        for _ in rooms {
+            let (r, ev) = next(&mut rx, "multi-room").await;
+            assert_eq!(ev, e);
+            got.push(r);
         }
+        if !list_order {
+            got.sort();
+        }
+        let mut want: Vec<String> = rooms.iter().map(|r| r.to_string()).collect();
+        if !list_order {
+            want.sort();
+        }
+        assert_eq!(got, want, "multi-room");
         assert_nothing_else(&*broker, &mut rx, "r2", "after a multi-room publish").await;
     }
 
@@ -230,14 +246,20 @@ impl RedisSetup {
             stop: CancellationToken::new(),
         }
     }
+    /// Brokers on a Redis Cluster (`redis+cluster://`).
+    fn cluster(cluster: &RedisCluster) -> RedisSetup {
+        RedisSetup {
+            url: cluster.url(),
+            stop: CancellationToken::new(),
+        }
+    }
     /// A RedisBroker as a node builds it, under its own key prefix.
     fn broker(&self, prefix: &str, sink: Arc<dyn Sink>) -> RedisBroker {
         self.broker_with(prefix, sink, HISTORY)
     }
     fn broker_with(&self, prefix: &str, sink: Arc<dyn Sink>, h: HistoryConfig) -> RedisBroker {
-        let client = redis::Client::open(self.url.as_str()).unwrap();
-        let pool = switchboard::redis_pool(&self.url).unwrap();
-        RedisBroker::start(client, pool, prefix, sink, self.stop.clone(), h)
+        let redis = switchboard::Redis::open(&self.url).unwrap();
+        RedisBroker::start(redis, prefix, sink, self.stop.clone(), h)
     }
 }
 
@@ -636,4 +658,343 @@ async fn history_expires_after_its_ttl() {
     assert_ne!(m2.epoch, m1.epoch);
     assert_ne!(r2.epoch, r1.epoch);
     assert_eq!((m2.offset, r2.offset), (0, 0));
+}
+
+// ---------------------------------------------------------------------------
+// On a real 3-master Redis Cluster (sharded pub/sub, history in the room's slot)
+
+#[tokio::test]
+async fn redis_cluster_broker_meets_the_contract() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let setup = RedisSetup::cluster(&cluster);
+    contract_with(|sink| setup.broker("ct:", sink), false).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_broker_keeps_history() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let setup = RedisSetup::cluster(&cluster);
+    history_contract(|sink| setup.broker_with("ht:", sink, SMALL)).await;
+    // The room's stream, meta and channel share the room's slot.
+    let slot = |k: &str| -> i64 {
+        redis::from_redis_value(
+            cluster
+                .on(
+                    cluster.ports[0],
+                    redis::cmd("CLUSTER").arg("KEYSLOT").arg(k),
+                )
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(slot("ht:hist:{h}"), slot("ht:room:{h}"));
+    assert_eq!(slot("ht:hist:{h}:meta"), slot("ht:room:{h}"));
+    let len: i64 = redis::from_redis_value(
+        cluster
+            .on(
+                cluster.master_of("ht:hist:{h}"),
+                redis::cmd("XLEN").arg("ht:hist:{h}"),
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(len, 3, "the stream is readable on the room's master");
+}
+
+/// Rooms on different masters: another node's broker gets each of them,
+/// through sharded subscriptions held on each room's master.
+#[tokio::test]
+async fn redis_cluster_brokers_deliver_across_masters() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    // Enough rooms that every master owns some of them.
+    let rooms: Vec<String> = (0..12).map(|i| format!("room-{i}")).collect();
+    let masters: HashSet<u16> = rooms
+        .iter()
+        .map(|r| cluster.master_of(&format!("ct:room:{{{r}}}")))
+        .collect();
+    assert_eq!(masters.len(), 3, "the rooms land on all three masters");
+    let setup = RedisSetup::cluster(&cluster);
+    let (sink_a, mut rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("ct:", sink_a.clone());
+    let b = setup.broker("ct:", sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    for r in &rooms {
+        sink_b.want(r, true);
+        b.reconcile(r).await.unwrap();
+    }
+    sink_a.want("room-0", true);
+    a.reconcile("room-0").await.unwrap();
+    // Each room's master counts its sharded subscribers (b; a too on room-0).
+    for r in &rooms {
+        let ch = format!("ct:room:{{{r}}}");
+        let v = cluster
+            .on(
+                cluster.master_of(&ch),
+                redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&ch),
+            )
+            .unwrap();
+        let counts: Vec<(String, i64)> = redis::from_redis_value(v).unwrap();
+        let n = if r == "room-0" { 2 } else { 1 };
+        assert_eq!(counts, vec![(ch.clone(), n)], "{ch}");
+    }
+    // One event to every room, then one per room: all arrive, per room in order.
+    let all: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let e = custom(&all, 1);
+    a.publish(Arc::new(e.clone())).await.unwrap();
+    let singles: Vec<Event> = rooms.iter().map(|r| custom(&[r.as_str()], 2)).collect();
+    for single in &singles {
+        a.publish(Arc::new(single.clone())).await.unwrap();
+    }
+    let mut got: Vec<(String, Event)> = Vec::new();
+    for _ in 0..rooms.len() * 2 {
+        got.push(next(&mut rx_b, "b").await);
+    }
+    for (r, single) in rooms.iter().zip(&singles) {
+        let mine: Vec<&Event> = got.iter().filter(|(g, _)| g == r).map(|(_, e)| e).collect();
+        assert_eq!(mine.len(), 2, "{r}: {mine:?}");
+        assert_eq!(mine[0], &e, "{r}: the multi-room event first");
+        assert_eq!(mine[1], single);
+    }
+    assert_eq!(next(&mut rx_a, "a").await, ("room-0".into(), e));
+    assert_eq!(
+        next(&mut rx_a, "a").await,
+        ("room-0".into(), singles[0].clone())
+    );
+    assert_nothing_else(&b, &mut rx_b, "room-2", "node b").await;
+    assert_nothing_else(&a, &mut rx_a, "room-0", "node a").await;
+    // Unwanting drops the sharded subscription on that room's master.
+    sink_b.want("room-1", false);
+    b.reconcile("room-1").await.unwrap();
+    let ch = "ct:room:{room-1}";
+    let v = cluster
+        .on(
+            cluster.master_of(ch),
+            redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(ch),
+        )
+        .unwrap();
+    let counts: Vec<(String, i64)> = redis::from_redis_value(v).unwrap();
+    assert_eq!(counts, vec![(ch.to_string(), 0)]);
+}
+
+/// A master failover under a stream of publishes (3 masters + 1 replica
+/// each; the master of the busy room is SIGKILLed, its replica takes over):
+/// the subscriber moves to the new master by itself, and what it missed
+/// live is replayed from the room's history (recovery, SPEC §10). Counted:
+/// events acknowledged to the publisher but neither delivered live nor
+/// replayable (lost), and events delivered twice (dup).
+#[tokio::test]
+async fn redis_cluster_failover_is_survived_and_recovery_covers_the_gap() {
+    init_tracing();
+    let mut cluster = RedisCluster::start_with(3, 1);
+    let setup = RedisSetup::cluster(&cluster);
+    let (sink_a, _rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = Arc::new(setup.broker("fo:", sink_a.clone()));
+    let b = setup.broker("fo:", sink_b.clone());
+    wait_healthy(&*a, true).await;
+    wait_healthy(&b, true).await;
+    let rooms: Vec<String> = (0..6).map(|i| format!("busy-{i}")).collect();
+    for r in &rooms {
+        sink_b.want(r, true);
+        b.reconcile(r).await.unwrap();
+    }
+    let busy = "busy-0";
+    let start = b.position(busy).await.unwrap().unwrap();
+    let doomed = cluster.master_of(&format!("fo:room:{{{busy}}}"));
+
+    // Publisher: numbered events to the busy room every 5 ms, each retried
+    // until acknowledged (with an id, so a retry enters the history once,
+    // as the relay does).
+    const N: u64 = 400;
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let publisher = {
+        let a = a.clone();
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let mut retries = 0u64;
+            for n in 1..=N {
+                let mut e = custom(&[busy], n);
+                e.id = Some(format!("outbox-{n}"));
+                let e = Arc::new(e);
+                while a.publish(e.clone()).await.is_err() {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                acked.store(n, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            retries
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cluster.kill(doomed);
+    let killed_at = Instant::now();
+    let before = acked.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        before > 0 && before < N,
+        "killed mid-stream ({before} acked)"
+    );
+    // The replica is promoted: the busy room's slot has a new master.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.master_of(&format!("fo:room:{{{busy}}}")) == doomed {
+        assert!(Instant::now() < deadline, "no failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "failover after {:?}; {before} of {N} acknowledged at the kill",
+        killed_at.elapsed()
+    );
+    let retries = publisher.await.unwrap();
+    wait_healthy(&b, true).await;
+
+    // Live deliveries of the busy room, by event number, with offsets.
+    let mut live: Vec<(u64, u64)> = Vec::new(); // (n, offset)
+    let got_all = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < got_all {
+        match tokio::time::timeout(Duration::from_millis(500), rx_b.recv()).await {
+            Ok(Some((room, e))) if room == busy => {
+                let EventKind::Custom { data, .. } = e.kind else {
+                    continue;
+                };
+                live.push((data["n"].as_u64().unwrap(), 0));
+            }
+            Ok(Some(_)) => {}
+            _ if live.last().map(|l| l.0) == Some(N) => break,
+            _ => {}
+        }
+    }
+    let offsets: Vec<Option<u64>> = offsets_of(&sink_b, busy);
+    for (l, o) in live.iter_mut().zip(offsets) {
+        l.1 = o.expect("historical");
+    }
+    // A client resumes from the last offset it saw before each gap: replay
+    // from its first gap covers everything after.
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut dup = 0;
+    for (n, _) in &live {
+        if !seen.insert(*n) {
+            dup += 1;
+        }
+    }
+    let resume_from = (start.offset + 1..)
+        .zip(live.iter())
+        .find(|(want, (_, off))| off != want)
+        .map(|(want, _)| want - 1)
+        .or(Some(start.offset + live.len() as u64));
+    let mut replayed = 0;
+    let mut verdict = "none needed".to_string();
+    if let Some(from) = resume_from {
+        let since = StreamPos {
+            epoch: start.epoch.clone(),
+            offset: from,
+        };
+        match b.replay(busy, &since).await.unwrap().unwrap() {
+            Replay::Recovered { events, .. } => {
+                verdict = format!("recovered from offset {from}");
+                for (_, e) in events {
+                    let EventKind::Custom { data, .. } = e.kind else {
+                        continue;
+                    };
+                    if seen.insert(data["n"].as_u64().unwrap()) {
+                        replayed += 1;
+                    }
+                }
+            }
+            Replay::NotRecovered { reason, .. } => verdict = format!("not recovered: {reason}"),
+        }
+    }
+    let lost = (1..=N).filter(|n| !seen.contains(n)).count();
+    eprintln!(
+        "failover: {N} acknowledged, {} live, {replayed} replayed ({verdict}), {lost} lost, {dup} dup, {retries} publish retries",
+        live.len()
+    );
+    assert_eq!(dup, 0, "no live duplicate");
+    assert_eq!(lost, 0, "recovery covers every acknowledged event");
+    // Every other room still reaches b through its (maybe new) master.
+    for r in &rooms[1..] {
+        let e = custom(&[r.as_str()], 9999);
+        a.publish(Arc::new(e.clone())).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (room, got) = next(&mut rx_b, "after failover").await;
+            if room == *r && got == e {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{r} not delivered after failover"
+            );
+        }
+    }
+}
+
+/// Messages a node's sharded subscription never saw (its shard connection
+/// was gone for a moment) are read back from the room's history and handed
+/// over first, in order, when the next live message shows the gap. The gap
+/// is made by appending to the history behind the broker's back, without
+/// publishing, as a lost message would leave it.
+#[tokio::test]
+async fn redis_cluster_subscriber_fills_a_gap_from_history() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let setup = RedisSetup::cluster(&cluster);
+    let (sink_a, _rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("gap:", sink_a.clone());
+    let b = setup.broker("gap:", sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    sink_b.want("g", true);
+    b.reconcile("g").await.unwrap();
+    let first = custom(&["g"], 1);
+    a.publish(Arc::new(first.clone())).await.unwrap();
+    assert_eq!(next(&mut rx_b, "first").await, ("g".into(), first));
+    // Offsets 2 and 3 enter the history without a live message.
+    let master = cluster.master_of("gap:hist:{g}");
+    let lost: Vec<Event> = (2..=3).map(|n| custom(&["g"], n)).collect();
+    for e in &lost {
+        let off: i64 = redis::from_redis_value(
+            cluster
+                .on(
+                    master,
+                    redis::cmd("HINCRBY")
+                        .arg("gap:hist:{g}:meta")
+                        .arg("o")
+                        .arg(1),
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        cluster
+            .on(
+                master,
+                redis::cmd("XADD")
+                    .arg("gap:hist:{g}")
+                    .arg(format!("{off}-0"))
+                    .arg("d")
+                    .arg(serde_json::to_string(e).unwrap()),
+            )
+            .unwrap();
+    }
+    let fourth = custom(&["g"], 4);
+    a.publish(Arc::new(fourth.clone())).await.unwrap();
+    assert_eq!(
+        next(&mut rx_b, "filled").await,
+        ("g".into(), lost[0].clone())
+    );
+    assert_eq!(
+        next(&mut rx_b, "filled").await,
+        ("g".into(), lost[1].clone())
+    );
+    assert_eq!(next(&mut rx_b, "live").await, ("g".into(), fourth));
+    assert_eq!(
+        offsets_of(&sink_b, "g"),
+        vec![Some(1), Some(2), Some(3), Some(4)]
+    );
+    assert_nothing_else(&b, &mut rx_b, "g", "after the gap").await;
 }

@@ -1,5 +1,19 @@
 //! Redis pub/sub broker: channel `{prefix}room:{room}` per room.
 //!
+//! On a Redis Cluster (`REDIS_URL=redis+cluster://…`, SPEC §12) the room's
+//! name is a hash tag in every key and channel of the room
+//! (`sb:room:{admin-orders}`, `sb:hist:{admin-orders}`,
+//! `sb:hist:{admin-orders}:meta`, `sb:hist:{admin-orders}:id:<id>`), so
+//! the append script stays in one slot, and rooms use sharded pub/sub
+//! (SPUBLISH / SSUBSCRIBE): a message goes only to the shard that owns the
+//! room's slot. The cluster subscriber is one RESP3 cluster connection
+//! (one multiplexed connection per node it needs) whose pushes come to a
+//! reader task; the crate re-subscribes tracked channels after a reconnect
+//! or a slot move, and on a disconnection the subscriber also re-issues
+//! SSUBSCRIBE for every room it holds until that succeeds (readiness false
+//! meanwhile). Publishes are grouped per room: one pipeline per room and
+//! batch, the pipelines of a batch in flight together.
+//!
 //! History (SPEC §10): a room's events live in the stream
 //! `{prefix}hist:{room}` (entry id `<offset>-0`, field `d` = the event JSON),
 //! its epoch and last offset in the hash `{prefix}hist:{room}:meta` (`e`,
@@ -21,7 +35,8 @@
 //!   (which never blocks) and reports the end of the stream; the subscriber
 //!   then reconnects with backoff and re-subscribes every wanted room.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -35,8 +50,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError, Delivery, Replay, Sink, new_epoch};
 use crate::config::HistoryConfig;
 use crate::event::{Event, StreamPos};
+use crate::lock::lock;
 use crate::metrics as m;
-use crate::redis_conn::{HotConn, RedisError, timed};
+use crate::redis_conn::{Conn, HotConn, Redis, RedisError, timed};
 
 /// Appends one event to a room's history and publishes it live, atomically.
 /// KEYS: meta, stream, id key (or the meta again when the event has no id).
@@ -80,12 +96,60 @@ const READ_BATCH: usize = 256;
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 512;
 
-/// One room's share of a publish.
-enum PubOp {
-    /// Volatile, or history off: a plain PUBLISH.
-    Live { channel: String },
-    /// Appended to the room's history and published by [`APPEND_LUA`].
-    Historical { room: String, channel: String },
+/// One room's share of a publish: appended to the room's history and
+/// published by [`APPEND_LUA`] when `historical`, else (volatile, or
+/// history off) a plain PUBLISH / SPUBLISH.
+struct PubOp {
+    room: String,
+    channel: String,
+    historical: bool,
+}
+
+/// Channel and history key names of rooms (see the module doc).
+#[derive(Clone)]
+struct RoomKeys {
+    channel_prefix: String,
+    hist_prefix: String,
+    cluster: bool,
+}
+
+impl RoomKeys {
+    fn new(prefix: &str, cluster: bool) -> RoomKeys {
+        RoomKeys {
+            channel_prefix: format!("{prefix}room:"),
+            hist_prefix: format!("{prefix}hist:"),
+            cluster,
+        }
+    }
+    /// The room as it appears in its names: a hash tag on a cluster.
+    fn tagged(&self, room: &str) -> String {
+        if self.cluster {
+            format!("{{{room}}}")
+        } else {
+            room.to_string()
+        }
+    }
+    fn channel(&self, room: &str) -> String {
+        format!("{}{}", self.channel_prefix, self.tagged(room))
+    }
+    /// The room a channel name belongs to.
+    fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let rest = channel.strip_prefix(self.channel_prefix.as_str())?;
+        if self.cluster {
+            rest.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(rest)
+        }
+    }
+    fn stream(&self, room: &str) -> String {
+        format!("{}{}", self.hist_prefix, self.tagged(room))
+    }
+    fn meta(&self, room: &str) -> String {
+        format!("{}:meta", self.stream(room))
+    }
+    fn id(&self, room: &str, id: &str) -> String {
+        format!("{}:id:{id}", self.stream(room))
+    }
 }
 
 struct PubItem {
@@ -103,8 +167,7 @@ enum SubCmd {
 }
 
 pub struct RedisBroker {
-    channel_prefix: String,
-    hist_prefix: String,
+    names: RoomKeys,
     history: HistoryConfig,
     pub_tx: mpsc::Sender<PubItem>,
     sub_tx: mpsc::UnboundedSender<SubCmd>,
@@ -115,18 +178,56 @@ pub struct RedisBroker {
 
 /// What the publisher needs to build a history append.
 struct HistoryKeys {
-    prefix: String,
+    names: RoomKeys,
     size: String,
     ttl: String,
     append: redis::Script,
+    /// The append script's source, for EVAL on a cluster.
+    append_src: String,
 }
 
 impl HistoryKeys {
-    fn meta(&self, room: &str) -> String {
-        format!("{}{room}:meta", self.prefix)
-    }
-    fn stream(&self, room: &str) -> String {
-        format!("{}{room}", self.prefix)
+    /// The command that publishes `op` of `item` (the append script for a
+    /// historical one).
+    fn command(&self, op: &PubOp, item: &PubItem) -> redis::Cmd {
+        if !op.historical {
+            let mut c = redis::cmd(if self.names.cluster {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            });
+            c.arg(&op.channel).arg(item.payload.as_ref());
+            return c;
+        }
+        let room = &op.room;
+        let meta = self.names.meta(room);
+        let id_key = match &item.id {
+            Some(id) => self.names.id(room, id),
+            None => meta.clone(),
+        };
+        // EVAL on a cluster: a node that never saw the script (a promoted
+        // replica, a moved slot) cannot answer NOSCRIPT inside a pipeline
+        // that is then retried; Redis caches the compiled script anyway.
+        let mut c = if self.names.cluster {
+            let mut c = redis::cmd("EVAL");
+            c.arg(&self.append_src);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(self.append.get_hash());
+            c
+        };
+        c.arg(3)
+            .arg(&meta)
+            .arg(self.names.stream(room))
+            .arg(id_key)
+            .arg(&op.channel)
+            .arg(item.payload.as_ref())
+            .arg(&self.size)
+            .arg(&self.ttl)
+            .arg(new_epoch())
+            .arg(u8::from(item.id.is_some()));
+        c
     }
 }
 
@@ -134,44 +235,50 @@ impl RedisBroker {
     /// Starts the publisher and subscriber tasks. Returns at once; the
     /// subscriber connects in the background (`is_healthy` tells when).
     pub fn start(
-        client: redis::Client,
-        pool: deadpool_redis::Pool,
+        redis: Redis,
         prefix: &str,
         sink: Arc<dyn Sink>,
         stop: CancellationToken,
         history: HistoryConfig,
     ) -> RedisBroker {
-        let channel_prefix = format!("{prefix}room:");
-        let hist_prefix = format!("{prefix}hist:");
+        let names = RoomKeys::new(prefix, redis.is_cluster());
         let (pub_tx, pub_rx) = mpsc::channel(64 * 1024);
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
         let healthy = Arc::new(AtomicBool::new(false));
+        let append_src = if names.cluster {
+            APPEND_LUA.replace("'PUBLISH'", "'SPUBLISH'")
+        } else {
+            APPEND_LUA.to_string()
+        };
         let keys = HistoryKeys {
-            prefix: hist_prefix.clone(),
+            names: names.clone(),
             size: history.size.to_string(),
             ttl: history.ttl.as_secs().max(1).to_string(),
-            append: redis::Script::new(APPEND_LUA),
+            append: redis::Script::new(&append_src),
+            append_src,
         };
-        tokio::spawn(run_publisher(pool.clone(), pub_rx, keys));
-        tokio::spawn(
-            Subscriber {
-                client,
-                channel_prefix: channel_prefix.clone(),
-                sink,
-                healthy: healthy.clone(),
-                cmd_tx: sub_tx.clone(),
-                stop,
-            }
-            .run(sub_rx),
-        );
+        tokio::spawn(run_publisher(redis.clone(), pub_rx, keys));
+        let sub = Subscriber {
+            redis: redis.clone(),
+            names: names.clone(),
+            last: Default::default(),
+            sink,
+            healthy: healthy.clone(),
+            cmd_tx: sub_tx.clone(),
+            stop,
+        };
+        if redis.is_cluster() {
+            tokio::spawn(sub.run_cluster(sub_rx));
+        } else {
+            tokio::spawn(sub.run(sub_rx));
+        }
         RedisBroker {
-            channel_prefix,
-            hist_prefix,
+            names,
             history,
             pub_tx,
             sub_tx,
             healthy,
-            hot: HotConn::new(pool),
+            hot: HotConn::new(redis),
             read: redis::Script::new(READ_LUA),
         }
     }
@@ -185,8 +292,8 @@ impl RedisBroker {
     ) -> Result<(StreamPos, Vec<(u64, Event)>), BrokerError> {
         let mut c = self.hot.get().await?;
         let mut inv = self.read.prepare_invoke();
-        inv.key(format!("{}{room}:meta", self.hist_prefix))
-            .key(format!("{}{room}", self.hist_prefix))
+        inv.key(self.names.meta(room))
+            .key(self.names.stream(room))
             .arg(since.map(|s| s.offset.to_string()).unwrap_or_default())
             .arg(since.map(|s| s.epoch.as_str()).unwrap_or(""))
             .arg(new_epoch())
@@ -238,16 +345,10 @@ impl Broker for RedisBroker {
         let ops = event
             .rooms
             .iter()
-            .map(|r| {
-                let channel = format!("{}{r}", self.channel_prefix);
-                if historical {
-                    PubOp::Historical {
-                        room: r.clone(),
-                        channel,
-                    }
-                } else {
-                    PubOp::Live { channel }
-                }
+            .map(|r| PubOp {
+                room: r.clone(),
+                channel: self.names.channel(r),
+                historical,
             })
             .collect::<Vec<_>>();
         let n = ops.len() as u64;
@@ -304,59 +405,27 @@ impl Broker for RedisBroker {
     }
 }
 
-async fn run_publisher(
-    pool: deadpool_redis::Pool,
-    mut rx: mpsc::Receiver<PubItem>,
-    keys: HistoryKeys,
-) {
-    let mut conn: Option<deadpool_redis::Connection> = None;
+async fn run_publisher(redis: Redis, mut rx: mpsc::Receiver<PubItem>, keys: HistoryKeys) {
+    let mut conn: Option<Conn> = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut pipe = redis::pipe();
-        // A new connection may be to a Redis that never saw the script
-        // (a restart): load it first, in the same round trip.
-        if conn.is_none() {
-            pipe.load_script(&keys.append).ignore();
-        }
-        for item in &batch {
-            for op in &item.ops {
-                match op {
-                    PubOp::Live { channel } => {
-                        pipe.publish(channel, item.payload.as_ref()).ignore();
-                    }
-                    PubOp::Historical { room, channel } => {
-                        let meta = keys.meta(room);
-                        let id_key = match &item.id {
-                            Some(id) => format!("{}{room}:id:{id}", keys.prefix),
-                            None => meta.clone(),
-                        };
-                        let mut inv = keys.append.prepare_invoke();
-                        inv.key(&meta)
-                            .key(keys.stream(room))
-                            .key(id_key)
-                            .arg(channel)
-                            .arg(item.payload.as_ref())
-                            .arg(&keys.size)
-                            .arg(&keys.ttl)
-                            .arg(new_epoch())
-                            .arg(u8::from(item.id.is_some()));
-                        pipe.invoke_script(&inv).ignore();
-                    }
-                }
-            }
-        }
         let start = Instant::now();
         let result = async {
-            if conn.is_none() {
+            let fresh = conn.is_none();
+            if fresh {
                 conn = Some(
-                    timeout(OP_TIMEOUT, pool.get())
+                    timeout(OP_TIMEOUT, redis.get())
                         .await
-                        .map_err(|_| RedisError::Timeout)?
-                        .map_err(|e| RedisError::Command(e.to_string()))?,
+                        .map_err(|_| RedisError::Timeout)??,
                 );
             }
-            let c = conn.as_mut().expect("set just above");
-            timeout(OP_TIMEOUT, pipe.exec_async(c))
+            let c = conn.as_ref().expect("set just above");
+            let sent = if keys.names.cluster {
+                publish_cluster(c, &batch, &keys).boxed()
+            } else {
+                publish_single(c, &batch, &keys, fresh).boxed()
+            };
+            timeout(OP_TIMEOUT, sent)
                 .await
                 .map_err(|_| RedisError::Timeout)?
                 .map_err(|e| RedisError::Command(e.to_string()))
@@ -367,10 +436,67 @@ async fn run_publisher(
         if result.is_err() {
             metrics::counter!(m::REDIS_ERRORS, "op" => "publish").increment(1);
             conn = None;
+            redis.broken();
         }
         for item in batch.drain(..) {
             let _ = item.done.send(result.clone());
         }
+    }
+}
+
+/// One Redis: the whole batch in one pipelined round trip. A connection
+/// that is new may be to a Redis that never saw the script (a restart), so
+/// the script is loaded first in the same round trip.
+fn publish_single(
+    c: &Conn,
+    batch: &[PubItem],
+    keys: &HistoryKeys,
+    fresh: bool,
+) -> impl Future<Output = redis::RedisResult<()>> + use<> {
+    let mut pipe = redis::pipe();
+    if fresh {
+        pipe.load_script(&keys.append).ignore();
+    }
+    for item in batch {
+        for op in &item.ops {
+            pipe.add_command(keys.command(op, item)).ignore();
+        }
+    }
+    let mut c = c.clone();
+    async move { pipe.exec_async(&mut c).await }
+}
+
+/// A cluster: a pipeline per room (its commands share the room's slot and
+/// keep their order), all of them in flight together; the cluster
+/// connection sends each to the master of its slot.
+fn publish_cluster(
+    c: &Conn,
+    batch: &[PubItem],
+    keys: &HistoryKeys,
+) -> impl Future<Output = redis::RedisResult<()>> + use<> {
+    let mut rooms: Vec<(&str, redis::Pipeline)> = Vec::new();
+    let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for item in batch {
+        for op in &item.ops {
+            let i = *at.entry(op.room.as_str()).or_insert_with(|| {
+                rooms.push((op.room.as_str(), redis::pipe()));
+                rooms.len() - 1
+            });
+            rooms[i].1.add_command(keys.command(op, item)).ignore();
+        }
+    }
+    let sends: Vec<_> = rooms
+        .into_iter()
+        .map(|(_, pipe)| {
+            let mut c = c.clone();
+            async move { pipe.exec_async(&mut c).await }
+        })
+        .collect();
+    async move {
+        for r in futures_util::future::join_all(sends).await {
+            r?;
+        }
+        Ok(())
     }
 }
 
@@ -388,9 +514,29 @@ fn split_offset(payload: &[u8]) -> (Option<u64>, &[u8]) {
     (None, payload)
 }
 
+/// One pub/sub message into the batch for the hub.
+fn decode(names: &RoomKeys, msg: redis::Msg, batch: &mut Vec<Delivery>) {
+    metrics::counter!(m::BROKER_RECEIVED).increment(1);
+    let Some(room) = names.room_of(msg.get_channel_name()) else {
+        return;
+    };
+    let (offset, json) = split_offset(msg.get_payload_bytes());
+    match serde_json::from_slice::<Event>(json) {
+        Ok(event) => batch.push(Delivery {
+            room: room.to_string(),
+            offset,
+            event,
+        }),
+        Err(e) => tracing::warn!(error = %e, "undecodable broker message on {room}"),
+    }
+}
+
 struct Subscriber {
-    client: redis::Client,
-    channel_prefix: String,
+    redis: Redis,
+    names: RoomKeys,
+    /// Cluster mode: the last history offset delivered per subscribed room
+    /// ([`GapFill`]).
+    last: Arc<std::sync::Mutex<HashMap<String, u64>>>,
     sink: Arc<dyn Sink>,
     healthy: Arc<AtomicBool>,
     cmd_tx: mpsc::UnboundedSender<SubCmd>,
@@ -399,7 +545,7 @@ struct Subscriber {
 
 impl Subscriber {
     fn channel(&self, room: &str) -> String {
-        format!("{}{room}", self.channel_prefix)
+        self.names.channel(room)
     }
 
     async fn run(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
@@ -434,7 +580,11 @@ impl Subscriber {
         generation: u64,
         cmds: &mut mpsc::UnboundedReceiver<SubCmd>,
     ) -> Result<(), RedisError> {
-        let pubsub = timeout(OP_TIMEOUT, self.client.get_async_pubsub())
+        let client = self
+            .redis
+            .single_client()
+            .expect("the single-Redis subscriber runs on one Redis")?;
+        let pubsub = timeout(OP_TIMEOUT, client.get_async_pubsub())
             .await
             .map_err(|_| RedisError::Timeout)?
             .map_err(|e| RedisError::Command(e.to_string()))?;
@@ -455,24 +605,10 @@ impl Subscriber {
         // socket all of them in one write. No timer: under light load a
         // batch is one message and nothing waits.
         let sink = self.sink.clone();
-        let prefix = self.channel_prefix.clone();
+        let names = self.names.clone();
         let lost = self.cmd_tx.clone();
         let reader = tokio::spawn(async move {
-            let decode = |msg: redis::Msg, batch: &mut Vec<Delivery>| {
-                metrics::counter!(m::BROKER_RECEIVED).increment(1);
-                let Some(room) = msg.get_channel_name().strip_prefix(prefix.as_str()) else {
-                    return;
-                };
-                let (offset, json) = split_offset(msg.get_payload_bytes());
-                match serde_json::from_slice::<Event>(json) {
-                    Ok(event) => batch.push(Delivery {
-                        room: room.to_string(),
-                        offset,
-                        event,
-                    }),
-                    Err(e) => tracing::warn!(error = %e, "undecodable broker message on {room}"),
-                }
-            };
+            let decode = |msg: redis::Msg, batch: &mut Vec<Delivery>| decode(&names, msg, batch);
             let mut batch = Vec::new();
             let mut ended = false;
             while let Some(msg) = stream.next().await {
@@ -582,6 +718,394 @@ impl Subscriber {
                 }
             }
         }
+    }
+}
+
+impl Subscriber {
+    /// The cluster subscriber: one RESP3 cluster connection with sharded
+    /// subscriptions. The crate reconnects and re-subscribes by itself; on
+    /// a disconnection push this task marks the broker unhealthy and
+    /// re-issues SSUBSCRIBE for every room it holds (idempotent) until that
+    /// succeeds, so readiness returns only once every room is live again.
+    async fn run_cluster(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
+        let (push_tx, mut push_rx) = mpsc::unbounded_channel::<redis::PushInfo>();
+        let client = match self.redis.cluster_subscriber(push_tx) {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "redis cluster subscriber cannot start");
+                return;
+            }
+            None => unreachable!("the cluster subscriber runs on a cluster"),
+        };
+        // Reader: pushes straight into the hub, batched like the single
+        // subscriber's; a disconnection asks for a resync.
+        let sink = self.sink.clone();
+        let names = self.names.clone();
+        let lost = self.cmd_tx.clone();
+        let healthy = self.healthy.clone();
+        let gaps = GapFill {
+            hot: HotConn::new(self.redis.clone()),
+            names: self.names.clone(),
+            last: self.last.clone(),
+        };
+        let reader = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            let take = |p: redis::PushInfo, batch: &mut Vec<Delivery>| match p.kind {
+                redis::PushKind::SMessage | redis::PushKind::Message => {
+                    if let Some(msg) = redis::Msg::from_push_info(p) {
+                        decode(&names, msg, batch);
+                    }
+                }
+                redis::PushKind::Disconnection => {
+                    healthy.store(false, Ordering::Relaxed);
+                    let _ = lost.send(SubCmd::Lost(0));
+                }
+                _ => {}
+            };
+            while let Some(p) = push_rx.recv().await {
+                take(p, &mut batch);
+                while batch.len() < READ_BATCH {
+                    match push_rx.try_recv() {
+                        Ok(p) => take(p, &mut batch),
+                        Err(_) => break,
+                    }
+                }
+                if !batch.is_empty() {
+                    gaps.fill(&*sink, &mut batch).await;
+                    sink.deliver_batch(&batch);
+                    batch.clear();
+                }
+            }
+        });
+        let _abort = AbortOnDrop(reader);
+
+        let mut conn: Option<redis::cluster_async::ClusterConnection> = None;
+        let mut subscribed: HashSet<String> = HashSet::new();
+        // Every wanted room is (re)subscribed before the broker is healthy.
+        let mut resync = true;
+        let mut backoff = Duration::from_millis(50);
+        let mut batch = Vec::new();
+        loop {
+            if resync {
+                match self
+                    .cluster_resync(&client, &mut conn, &mut subscribed)
+                    .await
+                {
+                    Ok(()) => {
+                        resync = false;
+                        backoff = Duration::from_millis(50);
+                        if !self.healthy.swap(true, Ordering::Relaxed) {
+                            tracing::info!(
+                                rooms = subscribed.len(),
+                                "redis cluster subscriber ready"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        self.healthy.store(false, Ordering::Relaxed);
+                        metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                        tracing::warn!(error = %e, "redis cluster subscriber: retrying in {backoff:?}");
+                    }
+                }
+            }
+            let wait = if resync {
+                backoff
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                n = cmds.recv_many(&mut batch, 1024) => if n == 0 { return },
+                _ = tokio::time::sleep(wait) => {
+                    if resync {
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        metrics::counter!(m::BROKER_RECONNECTS).increment(1);
+                    }
+                    continue;
+                }
+                _ = self.stop.cancelled() => return,
+            }
+            let mut waiters = Vec::new();
+            let mut touched = HashSet::new();
+            for cmd in batch.drain(..) {
+                match cmd {
+                    SubCmd::Reconcile(room, w) => {
+                        touched.insert(room);
+                        waiters.push(w);
+                    }
+                    SubCmd::Lost(_) => resync = true,
+                }
+            }
+            if resync {
+                // Answered after the resync: the rooms are then live.
+                match self
+                    .cluster_resync(&client, &mut conn, &mut subscribed)
+                    .await
+                {
+                    Ok(()) => {
+                        resync = false;
+                        self.healthy.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        self.healthy.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "redis cluster subscriber: resync failed");
+                    }
+                }
+            }
+            let result = if resync {
+                Err(BrokerError::Unavailable("redis cluster unreachable".into()))
+            } else {
+                self.cluster_apply(&client, &mut conn, &mut subscribed, touched)
+                    .await
+                    .map_err(BrokerError::Redis)
+            };
+            if result.is_err() {
+                resync = true;
+            }
+            for w in waiters {
+                let _ = w.send(
+                    result
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| BrokerError::Unavailable(e.to_string())),
+                );
+            }
+        }
+    }
+
+    async fn cluster_conn(
+        client: &redis::cluster::ClusterClient,
+        conn: &mut Option<redis::cluster_async::ClusterConnection>,
+    ) -> Result<redis::cluster_async::ClusterConnection, RedisError> {
+        if let Some(c) = conn {
+            return Ok(c.clone());
+        }
+        let c = timeout(OP_TIMEOUT, client.get_async_connection())
+            .await
+            .map_err(|_| RedisError::Timeout)?
+            .map_err(|e| RedisError::Command(e.to_string()))?;
+        *conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// SSUBSCRIBE (or SUNSUBSCRIBE) each channel on its own: channels of
+    /// different slots cannot share one command. All in flight together.
+    async fn cluster_cmd(
+        c: &redis::cluster_async::ClusterConnection,
+        subscribe: bool,
+        channels: Vec<String>,
+    ) -> Result<(), RedisError> {
+        let calls = channels.into_iter().map(|ch| {
+            let mut c = c.clone();
+            async move {
+                if subscribe {
+                    c.ssubscribe(ch).await
+                } else {
+                    c.sunsubscribe(ch).await
+                }
+            }
+        });
+        let start = Instant::now();
+        let results = timeout(OP_TIMEOUT, futures_util::future::join_all(calls))
+            .await
+            .map_err(|_| RedisError::Timeout)?;
+        metrics::histogram!(m::REDIS_DURATION, "op" => "subscribe")
+            .record(start.elapsed().as_secs_f64());
+        for r in results {
+            r.map_err(|e| RedisError::Command(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Subscribes every wanted room again (and forgets unwanted ones).
+    async fn cluster_resync(
+        &self,
+        client: &redis::cluster::ClusterClient,
+        conn: &mut Option<redis::cluster_async::ClusterConnection>,
+        subscribed: &mut HashSet<String>,
+    ) -> Result<(), RedisError> {
+        let mut touched: HashSet<String> = self.sink.rooms().into_iter().collect();
+        touched.extend(subscribed.iter().cloned());
+        // Wanted rooms are re-issued even when held: after a failover the
+        // crate's own re-subscription may still be under way.
+        let want: Vec<String> = touched
+            .iter()
+            .filter(|r| self.sink.wants(r))
+            .cloned()
+            .collect();
+        let r = async {
+            let c = Self::cluster_conn(client, conn).await?;
+            Self::cluster_cmd(&c, true, want.iter().map(|r| self.channel(r)).collect()).await
+        }
+        .await;
+        if r.is_err() {
+            *conn = None;
+            return r;
+        }
+        subscribed.extend(want);
+        let drop: Vec<String> = subscribed
+            .iter()
+            .filter(|r| !self.sink.wants(r))
+            .cloned()
+            .collect();
+        self.cluster_apply(client, conn, subscribed, drop.into_iter().collect())
+            .await
+    }
+
+    /// Makes the subscription of each touched room match the sink.
+    async fn cluster_apply(
+        &self,
+        client: &redis::cluster::ClusterClient,
+        conn: &mut Option<redis::cluster_async::ClusterConnection>,
+        subscribed: &mut HashSet<String>,
+        touched: HashSet<String>,
+    ) -> Result<(), RedisError> {
+        let mut to_sub = Vec::new();
+        let mut to_unsub = Vec::new();
+        for room in touched {
+            let want = self.sink.wants(&room);
+            let have = subscribed.contains(&room);
+            if want && !have {
+                to_sub.push(room);
+            } else if !want && have {
+                to_unsub.push(room);
+            }
+        }
+        if to_sub.is_empty() && to_unsub.is_empty() {
+            return Ok(());
+        }
+        let r = async {
+            let c = Self::cluster_conn(client, conn).await?;
+            if !to_sub.is_empty() {
+                Self::cluster_cmd(&c, true, to_sub.iter().map(|r| self.channel(r)).collect())
+                    .await?;
+            }
+            if !to_unsub.is_empty() {
+                Self::cluster_cmd(
+                    &c,
+                    false,
+                    to_unsub.iter().map(|r| self.channel(r)).collect(),
+                )
+                .await?;
+            }
+            Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                subscribed.extend(to_sub);
+                let mut last = lock(&self.last);
+                for room in &to_unsub {
+                    subscribed.remove(room);
+                    last.remove(room);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                *conn = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Cluster mode: a room's live messages skipped offsets (its shard's
+/// subscription was gone for a moment: a failover, a reconnect, a slot
+/// move), so the missing events are read from the room's history and handed
+/// to the hub first, in order. Sockets that stayed connected then miss
+/// nothing the history still holds; a socket that reconnects resumes with
+/// `since` as usual.
+struct GapFill {
+    hot: HotConn,
+    names: RoomKeys,
+    last: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+}
+
+/// At most this many events are read back for one gap.
+const GAP_MAX: usize = 1000;
+
+impl GapFill {
+    async fn fill(&self, sink: &dyn Sink, batch: &mut Vec<Delivery>) {
+        if !batch.iter().any(|d| d.offset.is_some()) {
+            return;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch.drain(..) {
+            if let Some(o) = d.offset {
+                let prev = {
+                    let mut last = lock(&self.last);
+                    if sink.wants(&d.room) {
+                        last.insert(d.room.clone(), o)
+                    } else {
+                        last.remove(&d.room);
+                        None
+                    }
+                };
+                // A lower offset means a new epoch: nothing to fill.
+                if let Some(p) = prev
+                    && o > p + 1
+                {
+                    match self.missing(&d.room, p, o).await {
+                        Ok(events) => {
+                            tracing::info!(
+                                room = %d.room,
+                                from = p + 1,
+                                to = o - 1,
+                                found = events.len(),
+                                "filled a subscription gap from history"
+                            );
+                            out.extend(events.into_iter().map(|(off, event)| Delivery {
+                                room: d.room.clone(),
+                                offset: Some(off),
+                                event,
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, room = %d.room, "subscription gap not filled")
+                        }
+                    }
+                }
+            }
+            out.push(d);
+        }
+        *batch = out;
+    }
+
+    /// The room's history entries after `p` and before `o`.
+    async fn missing(&self, room: &str, p: u64, o: u64) -> Result<Vec<(u64, Event)>, RedisError> {
+        let mut c = self.hot.get().await?;
+        type Entry = (String, Vec<(String, Vec<u8>)>);
+        let entries: Vec<Entry> = match timed(
+            "history_read",
+            redis::cmd("XRANGE")
+                .arg(self.names.stream(room))
+                .arg(format!("{}-0", p + 1))
+                .arg(format!("{}-0", o - 1))
+                .arg("COUNT")
+                .arg(GAP_MAX)
+                .query_async(&mut c),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.hot.broken();
+                return Err(e);
+            }
+        };
+        let mut events = Vec::new();
+        for (id, fields) in entries {
+            let Some(off) = id.split('-').next().and_then(|o| o.parse::<u64>().ok()) else {
+                continue;
+            };
+            let Some((_, data)) = fields.into_iter().find(|(k, _)| k == "d") else {
+                continue;
+            };
+            match serde_json::from_slice::<Event>(&data) {
+                Ok(e) => events.push((off, e)),
+                Err(e) => tracing::warn!(error = %e, "undecodable history entry in {room}"),
+            }
+        }
+        Ok(events)
     }
 }
 

@@ -145,7 +145,7 @@ mod contract {
     #[tokio::test]
     async fn redis_clock() {
         let redis = switchboard_testkit::RedisServer::start();
-        let pool = crate::redis_conn::pool(&redis.url()).unwrap();
+        let pool = crate::redis_conn::Redis::open(&redis.url()).unwrap();
         let c = RedisClock::new(pool, "sbtest:", Duration::from_secs(30));
         claims_due_once(&c).await;
         // A claim whose node died is claimed again once its lease ran out,
@@ -155,5 +155,15 @@ mod contract {
         c.seed(20, 5000).await.unwrap();
         assert!(c.claim_due(5001, 10).await.unwrap().ids.is_empty());
         assert_eq!(c.claim_due(5000 + 30_001, 10).await.unwrap().ids, vec![20]);
+    }
+
+    /// The claim script's keys share the `{offers}` slot of a real cluster.
+    #[tokio::test]
+    async fn redis_cluster_clock() {
+        let cluster = switchboard_testkit::RedisCluster::start(3);
+        let redis = crate::redis_conn::Redis::open(&cluster.url()).unwrap();
+        let c = RedisClock::new(redis, "sbtest:", Duration::from_secs(30));
+        claims_due_once(&c).await;
+        c.cancel(1).await.unwrap();
     }
 }

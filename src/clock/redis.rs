@@ -1,10 +1,14 @@
 //! The Redis offer clock: a due set and a lease set, claimed by one Lua
-//! script so exactly one node handles each deadline.
+//! script so exactly one node handles each deadline. Keys `sb:offers:due`
+//! and `sb:offers:lease`; on a Redis Cluster both carry the hash tag
+//! `{offers}` (`sb:{offers}:due`, `sb:{offers}:lease`) so the claim script
+//! stays in one slot. Not partitioned by city yet: one slot holds every
+//! deadline.
 
 use std::time::Duration;
 
 use super::{Claimed, ClockError, OfferClock};
-use crate::redis_conn::{HotConn, RedisError, timed};
+use crate::redis_conn::{Conn, HotConn, Keys, Redis, RedisError, timed};
 
 const CLAIM_LUA: &str = r#"
 local now = tonumber(ARGV[1])
@@ -52,18 +56,19 @@ pub struct RedisClock {
 }
 
 impl RedisClock {
-    pub fn new(pool: deadpool_redis::Pool, prefix: &str, lease: Duration) -> RedisClock {
+    pub fn new(redis: Redis, prefix: &str, lease: Duration) -> RedisClock {
+        let family = Keys::new(prefix, redis.is_cluster()).family("offers");
         RedisClock {
-            hot: HotConn::new(pool),
-            due: format!("{prefix}offers:due"),
-            lease_key: format!("{prefix}offers:lease"),
+            hot: HotConn::new(redis),
+            due: format!("{family}:due"),
+            lease_key: format!("{family}:lease"),
             lease,
             claim: redis::Script::new(CLAIM_LUA),
             seed: redis::Script::new(SEED_LUA),
         }
     }
 
-    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, ClockError> {
+    async fn conn(&self) -> Result<Conn, ClockError> {
         Ok(self.hot.get().await?)
     }
 

@@ -153,7 +153,7 @@ pub async fn stats(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiEr
     }
     let mut nodes = match &app.redis {
         None => vec![app.node_stats()],
-        Some(pool) => cluster_nodes(app, pool).await?,
+        Some(redis) => cluster_nodes(app, redis).await?,
     };
     nodes.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
     let sockets: u64 = nodes.iter().filter_map(|n| n["sockets"].as_u64()).sum();
@@ -167,19 +167,22 @@ pub async fn stats(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiEr
     ))
 }
 
-async fn cluster_nodes(app: &App, pool: &deadpool_redis::Pool) -> Result<Vec<Value>, ApiError> {
+async fn cluster_nodes(
+    app: &App,
+    redis: &crate::redis_conn::Redis,
+) -> Result<Vec<Value>, ApiError> {
     let unavailable = |e: String| ApiError::Unavailable(format!("redis: {e}"));
-    let prefix = &app.config.redis_prefix;
-    let mut conn = pool.get().await.map_err(|e| unavailable(e.to_string()))?;
+    let k = crate::redis_conn::Keys::new(&app.config.redis_prefix, redis.is_cluster());
+    let mut conn = redis.get().await.map_err(|e| unavailable(e.to_string()))?;
     let ids: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(format!("{prefix}nodes"))
+        .arg(k.nodes())
         .query_async(&mut conn)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     if ids.is_empty() {
         return Ok(vec![app.node_stats()]);
     }
-    let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}node:{id}")).collect();
+    let keys: Vec<String> = ids.iter().map(|id| k.node(id)).collect();
     let lines: Vec<Option<String>> = redis::cmd("MGET")
         .arg(&keys)
         .query_async(&mut conn)
@@ -192,7 +195,7 @@ async fn cluster_nodes(app: &App, pool: &deadpool_redis::Pool) -> Result<Vec<Val
             None => {
                 // Its heartbeat expired: the node is gone.
                 let _: Result<(), _> = redis::cmd("SREM")
-                    .arg(format!("{prefix}nodes"))
+                    .arg(k.nodes())
                     .arg(id)
                     .query_async(&mut conn)
                     .await;

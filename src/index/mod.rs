@@ -350,7 +350,16 @@ mod contract {
     #[tokio::test]
     async fn redis_index() {
         let redis = switchboard_testkit::RedisServer::start();
-        let pool = crate::redis_conn::pool(&redis.url()).unwrap();
+        let pool = crate::redis_conn::Redis::open(&redis.url()).unwrap();
         contract(&RedisIndex::new(pool, "sbtest:")).await;
+    }
+
+    /// Every script and the position writer's pipeline stay in the
+    /// `{drivers}` slot of a real 3-master cluster.
+    #[tokio::test]
+    async fn redis_cluster_index() {
+        let cluster = switchboard_testkit::RedisCluster::start(3);
+        let redis = crate::redis_conn::Redis::open(&cluster.url()).unwrap();
+        contract(&RedisIndex::new(redis, "sbtest:")).await;
     }
 }

@@ -40,7 +40,7 @@ pub struct App {
     pub ctx: Arc<Ctx>,
     pub hub: Arc<Hub>,
     pub verifier: Verifier,
-    pub redis: Option<deadpool_redis::Pool>,
+    pub redis: Option<crate::redis_conn::Redis>,
     /// Cancelled when the drain starts: stop accepting, close sockets 1012.
     pub drain: CancellationToken,
     /// Cancelled when the drain is over: background tasks stop.

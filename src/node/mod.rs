@@ -77,12 +77,10 @@ impl Node {
                 None,
             ),
             Some(url) => {
-                let client = redis::Client::open(url.as_str())
+                let redis = crate::redis_conn::Redis::open(url)
                     .map_err(|e| StartError::RedisUrl(e.to_string()))?;
-                let pool = crate::redis_conn::pool(url)?;
                 let broker = RedisBroker::start(
-                    client,
-                    pool.clone(),
+                    redis.clone(),
                     &config.redis_prefix,
                     hub.clone(),
                     stop.clone(),
@@ -90,13 +88,13 @@ impl Node {
                 );
                 (
                     AnyBroker::Redis(broker),
-                    AnyIndex::Redis(RedisIndex::new(pool.clone(), &config.redis_prefix)),
+                    AnyIndex::Redis(RedisIndex::new(redis.clone(), &config.redis_prefix)),
                     AnyClock::Redis(RedisClock::new(
-                        pool.clone(),
+                        redis.clone(),
                         &config.redis_prefix,
                         config.offer_lease,
                     )),
-                    Some(pool),
+                    Some(redis),
                 )
             }
         };

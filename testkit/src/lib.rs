@@ -99,6 +99,237 @@ impl Drop for RedisServer {
     }
 }
 
+/// A real Redis Cluster of our own: `masters` masters and `replicas`
+/// replicas per master, each a `redis-server --cluster-enabled yes` on free
+/// ports (client and bus port), joined by `redis-cli --cluster create`;
+/// ready when every node reports `cluster_state:ok`. Every process is
+/// SIGKILLed on drop.
+pub struct RedisCluster {
+    /// Client ports, in the order given to `redis-cli --cluster create`
+    /// (the masters first).
+    pub ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        RedisCluster::start_with(masters, 0)
+    }
+
+    pub fn start_with(masters: usize, replicas: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let n = masters * (1 + replicas);
+        let mut c = RedisCluster {
+            ports: Vec::new(),
+            children: Vec::new(),
+            _dir: dir,
+        };
+        for _ in 0..n {
+            let port = free_port();
+            let bus = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", "1000"])
+                // A replica may take over whatever its replication lag.
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
+                .arg("--dir")
+                .arg(c._dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/test-all installs it)");
+            c.ports.push(port);
+            c.children.push(Some(child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for &p in &c.ports {
+            while !ping(p) {
+                assert!(Instant::now() < deadline, "redis-server {p} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(c.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait_ok(Duration::from_secs(30));
+        // Every replica has synced with its master (a failover test kills
+        // one). A node that is still a bare master counts as nothing: right
+        // after `--cluster create` the replicas may not be replicas yet.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let synced = c
+                .ports
+                .iter()
+                .filter(|p| {
+                    c.on(**p, redis::cmd("INFO").arg("replication"))
+                        .ok()
+                        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                        .is_some_and(|info| {
+                            info.contains("role:slave") && info.contains("master_link_status:up")
+                        })
+                })
+                .count();
+            if synced == masters * replicas {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{synced} of {} replicas synced",
+                masters * replicas
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The live nodes' plain URLs.
+    pub fn node_urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .zip(&self.children)
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}/"))
+            .collect()
+    }
+
+    /// Runs a command on one node (synchronously; for setup and checks).
+    pub fn on(&self, port: u16, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        cmd.query(&mut conn)
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and agrees on
+    /// the masters of all 16384 slots.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self
+                .ports
+                .iter()
+                .zip(&self.children)
+                .filter(|(_, c)| c.is_some())
+                .all(|(p, _)| {
+                    self.on(*p, redis::cmd("CLUSTER").arg("INFO"))
+                        .ok()
+                        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                        .is_some_and(|info| info.contains("cluster_state:ok"))
+                });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis cluster not ok in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The client port of the master that serves `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let live = self
+            .ports
+            .iter()
+            .zip(&self.children)
+            .find(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .expect("a live node");
+        let slot: i64 = redis::from_redis_value(
+            self.on(live, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+                .expect("CLUSTER KEYSLOT"),
+        )
+        .expect("a slot");
+        // CLUSTER SLOTS: [[start, end, [host, port, id], replicas…], …]
+        let slots: Vec<redis::Value> = redis::from_redis_value(
+            self.on(live, redis::cmd("CLUSTER").arg("SLOTS"))
+                .expect("CLUSTER SLOTS"),
+        )
+        .expect("slot ranges");
+        for range in slots {
+            let r: Vec<redis::Value> = redis::from_redis_value(range).expect("a range");
+            let mut it = r.into_iter();
+            let start: i64 = redis::from_redis_value(it.next().unwrap()).unwrap();
+            let end: i64 = redis::from_redis_value(it.next().unwrap()).unwrap();
+            if (start..=end).contains(&slot) {
+                let master: Vec<redis::Value> =
+                    redis::from_redis_value(it.next().unwrap()).unwrap();
+                let port: i64 = redis::from_redis_value(master[1].clone()).unwrap();
+                return port as u16;
+            }
+        }
+        panic!("no master serves slot {slot} of {key:?}");
+    }
+
+    /// SIGKILLs the node on `port` (a master's replica then takes over).
+    pub fn kill(&mut self, port: u16) {
+        let i = self
+            .ports
+            .iter()
+            .position(|p| *p == port)
+            .expect("a node of this cluster");
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The process id of the node on `port` while it runs.
+    pub fn pid(&self, port: u16) -> Option<u32> {
+        let i = self.ports.iter().position(|p| *p == port)?;
+        self.children[i].as_ref().map(Child::id)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
 /// A `switchboard serve` process (or a binary that answers the same probes,
 /// like the bench's `baseline`) on a free loopback port, SIGKILLed on drop.
 pub struct NodeProcess {

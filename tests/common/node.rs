@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use switchboard::Node;
 use switchboard::config::{Config, JwtKey};
-#[allow(unused_imports)] // not every test binary uses all three
-pub use switchboard_testkit::{NodeProcess, RedisServer, free_port};
+#[allow(unused_imports)] // not every test binary uses them all
+pub use switchboard_testkit::{NodeProcess, RedisCluster, RedisServer, free_port};
 
 use super::{API_KEY, SECRET, TestDb, WAIT, http};
 
