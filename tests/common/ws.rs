@@ -31,12 +31,47 @@ pub struct Client {
     reader: Option<tokio::task::JoinHandle<()>>,
     /// Held (unread) when the client was opened with `read = false`.
     parked: Option<fastwebsockets::WebSocketRead<tokio::io::ReadHalf<TokioIo<Upgraded>>>>,
+    /// Broken `ORDER_UPDATED` rules this client saw (see [`UpdateRule`]).
+    broken: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         if let Some(r) = self.reader.take() {
             r.abort();
+        }
+        let broken = std::mem::take(&mut *self.broken.lock().unwrap());
+        if !broken.is_empty() && !std::thread::panicking() {
+            panic!("ORDER_UPDATED rule broken: {broken:#?}");
+        }
+    }
+}
+
+/// SPEC §5, checked on every socket of every test: an `ORDER_UPDATED` never
+/// has an empty `changed`, and its `version` is larger than the one before
+/// it for that order on that socket.
+#[derive(Default)]
+struct UpdateRule {
+    versions: std::collections::HashMap<i64, i64>,
+}
+
+impl UpdateRule {
+    fn check(&mut self, v: &Value) -> Option<String> {
+        if v["type"] != "ORDER_UPDATED" {
+            return None;
+        }
+        let p = &v["payload"];
+        if p["changed"].as_array().is_none_or(Vec::is_empty) {
+            return Some(format!("empty changed: {v}"));
+        }
+        let (Some(id), Some(version)) = (p["id"].as_i64(), p["version"].as_i64()) else {
+            return Some(format!("no id or version: {v}"));
+        };
+        match self.versions.insert(id, version) {
+            Some(before) if version <= before => {
+                Some(format!("version {version} after {before}: {v}"))
+            }
+            _ => None,
         }
     }
 }
@@ -124,16 +159,20 @@ impl Client {
         rd.set_auto_close(false);
         let writer: Writer = Arc::new(Mutex::new(wr));
         let (tx, rx) = mpsc::unbounded_channel();
+        let broken = Arc::new(std::sync::Mutex::new(Vec::new()));
         if !opts.read {
             return Client {
                 rx,
                 writer,
                 reader: None,
                 parked: Some(rd),
+                broken,
             };
         }
         let w = writer.clone();
+        let seen_broken = broken.clone();
         let reader = tokio::spawn(async move {
+            let mut rule = UpdateRule::default();
             let mut fc = fastwebsockets::FragmentCollectorRead::new(rd);
             let mut no_send = |_| async { Ok::<(), std::io::Error>(()) };
             loop {
@@ -147,6 +186,9 @@ impl Client {
                             serde_json::from_slice(&frame.payload).expect("server sent JSON");
                         if !opts.positions {
                             seed_view(&mut v);
+                        }
+                        if let Some(b) = rule.check(&v) {
+                            seen_broken.lock().unwrap().push(b);
                         }
                         let _ = tx.send(Seen::Json(v));
                     }
@@ -176,6 +218,7 @@ impl Client {
             writer,
             reader: Some(reader),
             parked: None,
+            broken,
         }
     }
 
