@@ -24,6 +24,10 @@ use crate::lock::lock;
 use crate::metrics as m;
 use crate::ws::outbox::{ConnId, Outbox};
 
+/// How long a driver socket's connect waits for its presence to be
+/// recorded.
+const PRESENCE_WAIT: Duration = Duration::from_millis(500);
+
 /// What readiness is made of; refreshed by the health task every second and
 /// at once when the broker loses Redis.
 #[derive(Default)]
@@ -126,6 +130,10 @@ impl App {
 
     /// A driver socket opened: the driver is online (SPEC §5 "Presence");
     /// if it just came online, the orders waiting near it are tried.
+    /// Recorded before the connect message, so that a position sent right
+    /// after it finds the driver online; a Redis that does not answer holds
+    /// the connect for at most [`PRESENCE_WAIT`] (the refresh loop records
+    /// the driver later).
     pub async fn driver_socket_opened(&self, driver_id: i64) {
         let first = {
             let mut here = lock(&self.drivers_here);
@@ -133,11 +141,17 @@ impl App {
             *n += 1;
             *n == 1
         };
-        if first
-            && let Err(e) = dispatch::drivers_online(&self.ctx, &[driver_id], Via::Socket).await
-        {
-            // The refresh loop records it once Redis is back.
-            tracing::debug!(driver = driver_id, error = %e, "presence not recorded");
+        if !first {
+            return;
+        }
+        let ids = [driver_id];
+        let online = dispatch::drivers_online(&self.ctx, &ids, Via::Socket);
+        match tokio::time::timeout(PRESENCE_WAIT, online).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(driver = driver_id, error = %e, "presence not recorded")
+            }
+            Err(_) => tracing::debug!(driver = driver_id, "presence not recorded in time"),
         }
     }
 
