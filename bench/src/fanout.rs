@@ -1,18 +1,66 @@
 //! `fanout`: S subscribers over N nodes (via Redis), publishers at rate R
 //! through `POST /api/publish`; deliveries/s, loss, duplicates, latency,
 //! server CPU per delivery and peak RSS, and the loadgen's own CPU cost.
+//! With `--rooms K` the publishes go round-robin over K rooms (`user-1` …
+//! `user-K`, subscriber i in `user-(i mod K + 1)`); with `--redis-cluster M`
+//! the nodes run on a Redis Cluster of M masters (sharded pub/sub) and
+//! Redis CPU is reported per master.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchboard_client::{Incoming, Socket};
-use switchboard_testkit::{NodeProcess, RedisServer, mint};
+use switchboard_testkit::{NodeProcess, RedisCluster, RedisServer, mint};
 
 use crate::shared::{
-    API_KEY, HttpConn, RedisCpu, SECRET, cluster_of, cpu_seconds, database, hist, node_binary, pct,
+    API_KEY, HttpConn, RedisCpu, SECRET, cpu_seconds, database, hist, node_binary, nodes_at, pct,
     rss_kib, self_cpu,
 };
+
+/// The Redis the nodes share: one server, or a cluster of masters.
+enum Backend {
+    Single(RedisServer),
+    Cluster(RedisCluster, usize),
+}
+
+impl Backend {
+    fn url(&self) -> String {
+        match self {
+            Backend::Single(r) => r.url(),
+            Backend::Cluster(c, _) => c.url(),
+        }
+    }
+
+    /// Each Redis process's accounting (the masters, for a cluster).
+    async fn cpu(&self) -> anyhow::Result<Vec<RedisCpu>> {
+        match self {
+            Backend::Single(r) => Ok(vec![RedisCpu::read(r).await?]),
+            Backend::Cluster(c, masters) => {
+                let mut out = Vec::new();
+                for p in &c.ports[..*masters] {
+                    out.push(RedisCpu::read_url(&format!("redis://127.0.0.1:{p}/")).await?);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Sums per-process accounting into one.
+fn total(v: &[RedisCpu]) -> RedisCpu {
+    let mut t = RedisCpu::default();
+    for r in v {
+        t.cpu_s += r.cpu_s;
+        t.cmd_us += r.cmd_us;
+        for (k, (c, u)) in &r.by_cmd {
+            let e = t.by_cmd.entry(k.clone()).or_default();
+            e.0 += c;
+            e.1 += u;
+        }
+    }
+    t
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,6 +87,14 @@ pub struct Args {
     /// off, a plain PUBLISH per room instead of the append script).
     #[arg(long)]
     history_size: Option<usize>,
+    /// Rooms the publishes go round-robin over (1 = `admin-orders`, or
+    /// `driver-7` on the driver endpoint; K > 1 = `user-1` … `user-K`, on
+    /// `/ws`).
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Run the nodes on a Redis Cluster of this many masters (0 = one Redis).
+    #[arg(long, default_value_t = 0)]
+    redis_cluster: usize,
     /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
     #[arg(long)]
     server: Option<PathBuf>,
@@ -47,7 +103,12 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let redis = RedisServer::start();
+    let redis = if a.redis_cluster > 0 {
+        Backend::Cluster(RedisCluster::start(a.redis_cluster), a.redis_cluster)
+    } else {
+        Backend::Single(RedisServer::start())
+    };
+    let rooms = a.rooms.max(1);
     let (db_url, _dir) = database(a.database_url)?;
     let bin = match a.server {
         Some(p) => p,
@@ -57,7 +118,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(h) = a.history_size {
         extra.push(("HISTORY_SIZE", h.to_string()));
     }
-    let nodes = cluster_of(&bin, a.nodes, &redis, &db_url, &extra).await?;
+    let nodes = nodes_at(&bin, a.nodes, &redis.url(), &db_url, &extra).await?;
     let admin = mint(SECRET, json!({"sub": 1, "role": "admin"}));
     let driver = mint(SECRET, json!({"sub": 7, "role": "driver", "city_id": 1}));
     // Drivers listen on driver-7; everyone else on admin-orders.
@@ -66,10 +127,23 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     } else {
         ("admin-orders", admin)
     };
+    // Room k (0-based) of K: `user-(k+1)`, heard by its user's sockets.
+    let room_of = move |k: u64| -> String {
+        if rooms == 1 {
+            room.to_string()
+        } else {
+            format!("user-{}", k + 1)
+        }
+    };
     let mut subs = Vec::new();
     for i in 0..a.subscribers {
         let n = &nodes[i % nodes.len()];
         let sep = if a.path.contains('?') { '&' } else { '?' };
+        let token = if rooms == 1 {
+            token.clone()
+        } else {
+            mint(SECRET, json!({"sub": i % rooms + 1, "role": "user"}))
+        };
         let mut s =
             Socket::connect(n.addr, &format!("{}{sep}token={token}", a.path), None, 4096).await?;
         // Connect messages (1, or 2 on the driver endpoint).
@@ -133,12 +207,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let my0 = self_cpu();
     // Redis's background (the nodes' health checks, heartbeats and offer
     // clocks) over an idle second, to tell it from the publishes' share.
-    let idle0 = (Instant::now(), RedisCpu::read(&redis).await?);
+    let idle0 = (Instant::now(), total(&redis.cpu().await?));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle1 = RedisCpu::read(&redis).await?;
+    let idle1 = total(&redis.cpu().await?);
     let idle_secs = idle0.0.elapsed().as_secs_f64();
     let (idle_cpu, idle_cmd_us, _) = idle1.since(&idle0.1);
-    let redis0 = RedisCpu::read(&redis).await?;
+    let per_master0 = redis.cpu().await?;
+    let redis0 = total(&per_master0);
     let redis_t0 = Instant::now();
     // Publishers: paced (publish `seq` is due at (seq-1)/rate), each with
     // one kept-alive connection per node, round-robin over the nodes;
@@ -152,7 +227,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             conns.push(HttpConn::open(n.addr).await?);
         }
         let filler = "x".repeat(a.payload);
-        let room = room.to_string();
         let rate = a.rate;
         pubs.push(tokio::spawn(async move {
             let mut accepted = Vec::new();
@@ -161,6 +235,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 let due = started + Duration::from_secs_f64((seq - 1) as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 let t = chrono::Utc::now().timestamp_micros();
+                let room = room_of(seq % rooms as u64);
                 let body = format!(
                     r#"{{"room":"{room}","type":"bench","data":{{"s":{seq},"t":{t},"p":"{filler}"}}}}"#
                 );
@@ -196,7 +271,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     // Sockets the server closed during the run, by close code (4008: the
     // loadgen read too slowly and was dropped as a slow consumer).
     let mut closes: std::collections::BTreeMap<u16, u64> = Default::default();
-    for t in tasks {
+    let mut expected = 0u64;
+    for (i, t) in tasks.into_iter().enumerate() {
         let (h, g, d, seen, closed) = t.await?;
         if let Some(code) = closed {
             *closes.entry(code).or_default() += 1;
@@ -204,14 +280,27 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         lat.add(&h)?;
         got += g;
         dups += d;
-        lost += accepted
-            .iter()
-            .zip(&seen)
-            .filter(|(acc, s)| **acc && !**s)
-            .count() as u64;
+        // Subscriber i hears the publishes of its room only.
+        let mine = |seq: usize| seq as u64 % rooms as u64 == (i % rooms) as u64;
+        let owed = || {
+            accepted
+                .iter()
+                .enumerate()
+                .filter(|(seq, acc)| **acc && mine(*seq))
+        };
+        expected += owed().count() as u64;
+        lost += owed().filter(|(seq, _)| !seen[*seq]).count() as u64;
     }
     let my_cpu = self_cpu() - my0;
-    let (redis_cpu, redis_cmd_us, redis_cmds) = RedisCpu::read(&redis).await?.since(&redis0);
+    let per_master1 = redis.cpu().await?;
+    let (redis_cpu, redis_cmd_us, redis_cmds) = total(&per_master1).since(&redis0);
+    let redis_secs_now = redis_t0.elapsed().as_secs_f64();
+    // Each master's share of a core over the run: is one of them the bottleneck?
+    let master_cores: Vec<f64> = per_master1
+        .iter()
+        .zip(&per_master0)
+        .map(|(b, a)| ((b.cpu_s - a.cpu_s) / redis_secs_now * 100.0).round() / 100.0)
+        .collect();
     let redis_secs = redis_t0.elapsed().as_secs_f64();
     let node_cpu: f64 = pids
         .iter()
@@ -219,7 +308,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .map(|(p, c)| cpu_seconds(*p).unwrap_or(*c) - c)
         .sum();
     let peak_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).0).collect();
-    let expected = accepted.iter().filter(|x| **x).count() as u64 * a.subscribers as u64;
     let history = a
         .history_size
         .map_or_else(|| "server default".to_string(), |h| h.to_string());
@@ -258,6 +346,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     );
     println!("  redis commands: {redis_cmds}");
     println!(
+        "  redis: {} ({} rooms); CPU per master, in cores: {master_cores:?}; publishes accepted {accepted_n} = {:.0}/s",
+        if a.redis_cluster > 0 {
+            format!("cluster of {} masters", a.redis_cluster)
+        } else {
+            "one server".to_string()
+        },
+        rooms,
+        accepted_n as f64 / publish_secs
+    );
+    println!(
         "{}",
         json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
                "subscribers": a.subscribers, "publishers": publishers, "path": a.path, "rate": a.rate, "secs": a.secs, "payload": a.payload,
@@ -266,7 +364,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                "server_us_per_delivery": server_us, "peak_rss_kib": peak_rss, "loadgen_us_per_delivery": loadgen_us,
                "history_size": a.history_size, "redis_cpu_s": redis_cpu, "redis_us_per_publish": redis_us,
                "redis_net_us_per_publish": redis_net_us, "redis_idle_cpu_ms_per_s": idle_cpu / idle_secs * 1e3,
-               "redis_cmd_us_per_publish": redis_cmd_per_publish, "redis_commands": redis_cmds})
+               "redis_cmd_us_per_publish": redis_cmd_per_publish, "redis_commands": redis_cmds,
+               "rooms": rooms, "redis_masters": a.redis_cluster.max(1), "redis_cluster": a.redis_cluster > 0,
+               "publishes_per_s": accepted_n as f64 / publish_secs, "redis_master_cores": master_cores})
     );
     Ok(())
 }

@@ -670,7 +670,7 @@ impl Cluster {
     async fn start_node(&mut self, i: usize) -> anyhow::Result<NodeProcess> {
         let id = format!("lg{i}r{}", self.restarts);
         self.restarts += 1;
-        let env = node_env(&id, &self.redis, &self.db_url, &self.extra);
+        let env = node_env(&id, &self.redis.url(), &self.db_url, &self.extra);
         let node = NodeProcess::start(&self.bin, &env).await;
         wait_ready(node.addr, Duration::from_secs(30)).await?;
         Ok(node)

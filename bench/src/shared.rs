@@ -94,10 +94,22 @@ pub async fn cluster_of(
     db_url: &str,
     extra: &[(&str, String)],
 ) -> anyhow::Result<Vec<NodeProcess>> {
+    nodes_at(bin, k, &redis.url(), db_url, extra).await
+}
+
+/// [`cluster_of`] against any `REDIS_URL` (one Redis, or a Redis Cluster's
+/// `redis+cluster://`).
+pub async fn nodes_at(
+    bin: &std::path::Path,
+    k: usize,
+    redis_url: &str,
+    db_url: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Vec<NodeProcess>> {
     let mut nodes = Vec::new();
     for i in 0..k {
         // The first node migrates; the others start after it.
-        let env = node_env(&format!("lg{i}"), redis, db_url, extra);
+        let env = node_env(&format!("lg{i}"), redis_url, db_url, extra);
         nodes.push(NodeProcess::start(bin, &env).await);
     }
     for n in &nodes {
@@ -110,12 +122,12 @@ pub async fn cluster_of(
 /// API key, its `NODE_ID`, then `extra`.
 pub fn node_env<'a>(
     node_id: &str,
-    redis: &RedisServer,
+    redis_url: &str,
     db_url: &str,
     extra: &[(&'a str, String)],
 ) -> Vec<(&'a str, String)> {
     let mut env = vec![
-        ("REDIS_URL", redis.url()),
+        ("REDIS_URL", redis_url.to_string()),
         ("DATABASE_URL", db_url.to_string()),
         ("JWT_SECRET", String::from_utf8_lossy(SECRET).into_owned()),
         ("API_KEYS", API_KEY.to_string()),
@@ -237,7 +249,14 @@ pub struct RedisCpu {
 
 impl RedisCpu {
     pub async fn read(redis: &RedisServer) -> anyhow::Result<RedisCpu> {
-        let mut c = redis.conn().await;
+        Self::read_url(&redis.url()).await
+    }
+
+    /// [`RedisCpu::read`] of the Redis at `url` (one node of a cluster).
+    pub async fn read_url(url: &str) -> anyhow::Result<RedisCpu> {
+        let mut c = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
         let info: String = redis::cmd("INFO")
             .arg("cpu")
             .arg("commandstats")
