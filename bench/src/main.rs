@@ -12,7 +12,10 @@
 //!   each expires once; lateness = `order_timeout` received − deadline.
 //! - `fanout`: S subscribers over N nodes (via Redis), a publisher at rate R
 //!   through `POST /api/publish`; deliveries/s, loss, duplicates, latency,
-//!   server CPU per delivery and peak RSS, and the loadgen's own CPU cost.
+//!   server CPU per delivery and peak RSS, and the loadgen's own CPU cost;
+//!   `--rooms K` spreads the publishes over K rooms, `--redis-cluster M`
+//!   runs the nodes on a Redis Cluster of M masters (Redis CPU per master;
+//!   `scripts/fanout-chart` draws the runs' JSON lines).
 //! - `connections`: N idle sockets over K nodes; RSS per socket, idle CPU.
 //! - `churn`: connect + authenticate + first message, per second.
 //! - `recovery`: S sockets over the three dialects and K nodes, publishers
