@@ -168,7 +168,11 @@ pub async fn stats(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiEr
 }
 
 async fn cluster_nodes(app: &App, pool: &deadpool_redis::Pool) -> Result<Vec<Value>, ApiError> {
-    let unavailable = |e: String| ApiError::Unavailable(format!("redis: {e}"));
+    // Redis's own text goes to the log, not to the client (SPEC §11).
+    let unavailable = |e: String| {
+        tracing::warn!(error = %e, "cluster stats: redis unavailable");
+        ApiError::Unavailable("redis unavailable, retry later".into())
+    };
     let prefix = &app.config.redis_prefix;
     let mut conn = pool.get().await.map_err(|e| unavailable(e.to_string()))?;
     let ids: Vec<String> = redis::cmd("SMEMBERS")
