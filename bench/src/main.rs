@@ -19,6 +19,12 @@
 //!   numbering events, a fault (a node SIGKILLed, or a rolling restart);
 //!   sockets resume with `since` elsewhere; every acknowledged event must
 //!   arrive exactly once, in order per room (SPEC §10).
+//! - `flood`: one node, S subscribers on a steady publish stream, and in
+//!   alternating phases one abusive socket sending 10,000 messages/s; the
+//!   subscribers' delivery p99 with and without it (SPEC §11).
+//! - `soak`: two nodes for 30 minutes (bounded): fan-out, driver locations,
+//!   connection churn, dispatch, one Redis restart and one node SIGKILL;
+//!   RSS and open fds of each node over time, lost and duplicated events.
 //!
 //! One module per scenario; `shared` holds what they have in common. Nodes
 //! are processes of the workspace's `switchboard` binary, found beside this
@@ -29,9 +35,11 @@ mod churn;
 mod connections;
 mod expiry;
 mod fanout;
+mod flood;
 mod locations;
 mod recovery;
 mod shared;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -73,6 +81,11 @@ enum Cmd {
     Fanout(fanout::Args),
     /// History and recovery under a fault: lost, duplicated, out of order.
     Recovery(recovery::Args),
+    /// One abusive socket (10,000 messages/s) vs the other sockets' p99.
+    Flood(flood::Args),
+    /// Two nodes for a long time under everything at once, with faults:
+    /// RSS, fds, lost and duplicated events.
+    Soak(soak::Args),
     /// Idle sockets: RSS and CPU per socket.
     Connections {
         #[arg(long, default_value_t = 3)]
@@ -146,6 +159,8 @@ fn main() -> anyhow::Result<()> {
             } => expiry::run(nodes, offers, timeout_secs, database_url).await,
             Cmd::Fanout(args) => fanout::run(args).await,
             Cmd::Recovery(args) => recovery::run(args).await,
+            Cmd::Flood(args) => flood::run(args).await,
+            Cmd::Soak(args) => soak::run(args).await,
             Cmd::Connections {
                 nodes,
                 sockets,
