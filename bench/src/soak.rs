@@ -313,15 +313,19 @@ struct Lost {
     in_fault: BTreeMap<&'static str, u64>,
     /// Neither.
     unexplained: u64,
+    /// Unexplained losses by the minute of the run their publish was in.
+    unexplained_by_minute: BTreeMap<u64, u64>,
     samples: Vec<String>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn classify_losses(
     spec: &Spec,
     rep: &ClientReport,
     acked_by_room: &HashMap<&str, Vec<u64>>,
     by_id: &HashMap<u64, &Published>,
     windows: &[Window],
+    started: Instant,
     out: &mut Lost,
 ) {
     let got: HashSet<u64> = rep.log.iter().map(|(_, id)| *id).collect();
@@ -346,9 +350,23 @@ fn classify_losses(
             *out.in_fault.entry(w.what).or_default() += 1;
         } else {
             out.unexplained += 1;
-            if out.samples.len() < 10 {
+            let at = e.at.saturating_duration_since(started).as_secs_f64();
+            *out.unexplained_by_minute.entry(at as u64 / 60).or_default() += 1;
+            if out.samples.len() < 20 {
+                let gaps: Vec<String> = rep
+                    .gaps
+                    .iter()
+                    .map(|(r, from, to)| {
+                        format!(
+                            "{} {:.1}–{:.1} s",
+                            spec.rooms[*r as usize],
+                            from.saturating_duration_since(started).as_secs_f64(),
+                            to.saturating_duration_since(started).as_secs_f64()
+                        )
+                    })
+                    .collect();
                 out.samples.push(format!(
-                    "socket {} ({}) never got event {id} (to {:?})",
+                    "socket {} ({}) never got event {id} (to {:?}, published at {at:.1} s); its not-recovered gaps: {gaps:?}",
                     spec.idx,
                     spec.dialect.name(),
                     e.rooms
@@ -624,7 +642,15 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
     let mut offset_regressions = 0u64;
     for (spec, rep) in &reports {
         t.add(spec, rep, &acked_by_room, &by_id);
-        classify_losses(spec, rep, &acked_by_room, &by_id, &windows, &mut lost);
+        classify_losses(
+            spec,
+            rep,
+            &acked_by_room,
+            &by_id,
+            &windows,
+            started,
+            &mut lost,
+        );
         other_events += rep.other_events;
         offset_regressions += rep.out_of_order_offsets;
     }
@@ -743,7 +769,13 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
         println!("  error messages: {:?}", t.errors);
     }
     println!("  side load: {side_json}");
-    for line in lost.samples.iter().chain(&t.samples).take(12) {
+    if lost.unexplained > 0 {
+        println!(
+            "  unexplained losses by minute of publish: {:?}",
+            lost.unexplained_by_minute
+        );
+    }
+    for line in lost.samples.iter().chain(&t.samples).take(24) {
         println!("  ! {line}");
     }
     if !quiet {
@@ -760,6 +792,7 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
                "publish_failures": publish_failures, "deliveries_expected": t.expected,
                "delivered": t.delivered, "lost": t.lost, "lost_told": lost.told,
                "lost_in_fault_window": lost.in_fault, "lost_unexplained": lost.unexplained,
+               "lost_unexplained_by_minute": lost.unexplained_by_minute,
                "duplicated": t.duplicated, "out_of_order": out_of_order,
                "offset_regressions": offset_regressions, "misrouted": t.misrouted,
                "bad_frames": t.bad_frames, "reconnects": t.reconnects, "closes": t.closes,
