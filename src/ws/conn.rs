@@ -200,7 +200,9 @@ fn client_message(e: &DomainError) -> String {
         DomainError::Clock(_) => "offer clock",
     };
     if e.is_unavailable() {
-        tracing::warn!(error = %e, "{what} unavailable");
+        // Debug: a socket's positions fail like this many times a second
+        // while Redis is down, which readiness and the health log report.
+        tracing::debug!(error = %e, "{what} unavailable");
         format!("{what} unavailable, retry later")
     } else {
         tracing::error!(error = %e, "{what} failed");
