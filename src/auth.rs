@@ -92,18 +92,39 @@ impl Identity {
     }
 }
 
+/// Why a token was refused. What a client is shown (`Display`) is our own
+/// fixed wording: jsonwebtoken's error kinds (`InvalidToken`, `Base64(…)`,
+/// `Json(…)`, …) stay in the variant's detail, for the log only (SPEC §11:
+/// no internal error text reaches a client).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AuthError {
     #[error("missing token")]
     Missing,
     #[error("token expired")]
     Expired,
-    #[error("token not valid yet")]
+    #[error("token not yet valid")]
     NotYetValid,
-    #[error("not an access token (token_type {0:?})")]
+    /// A `token_type` other than `access` (e.g. a simplejwt refresh token).
+    #[error("wrong token type: an access token is required")]
     NotAccess(String),
-    #[error("invalid token: {0}")]
+    /// Malformed, badly signed, wrong algorithm, a required claim missing
+    /// or failing its check; the detail says which, for the log.
+    #[error("invalid token")]
     Invalid(String),
+    /// A well-signed token whose claims do not name a user as configured
+    /// (our own message, written for the client's developers).
+    #[error("invalid token: {0}")]
+    Claims(String),
+}
+
+impl AuthError {
+    /// What the log may say beyond the client's message (never the token).
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            AuthError::NotAccess(d) | AuthError::Invalid(d) => Some(d),
+            _ => None,
+        }
+    }
 }
 
 /// Verifies tokens; built once per node from the config.
@@ -166,6 +187,7 @@ impl Verifier {
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                // jsonwebtoken's own text stays in the detail (the log).
                 k => AuthError::Invalid(format!("{k:?}")),
             },
         )?;
@@ -180,7 +202,7 @@ impl Verifier {
                 return Err(AuthError::NotAccess(t));
             }
         }
-        identity_with(&data.claims, &self.claims).map_err(AuthError::Invalid)
+        identity_with(&data.claims, &self.claims).map_err(AuthError::Claims)
     }
 
     /// Mints a token (HS256 only). `claims` gets `exp` = now + `ttl_secs`.
@@ -391,6 +413,65 @@ mod tests {
         let admin = identity_from_claims(&json!({"sub": 1, "role": "admin"})).unwrap();
         assert!(admin.may_join("city-6-orders"));
         assert!(!admin.may_join("bad room"));
+    }
+
+    /// A refused token is told in our words; jsonwebtoken's error kind
+    /// (`InvalidToken`, `Base64(…)`, `Json(…)`, `InvalidSignature`) is only
+    /// in the detail, for the log.
+    #[test]
+    fn refusals_are_told_in_our_words() {
+        let v = verifier();
+        let header = |h: &str| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h)
+        };
+        let malformed = [
+            "not-a-jwt".to_string(),
+            "a.b.c".to_string(),
+            "....".to_string(),
+            format!("{}.{}.c2ln", header("not json"), header("{}")),
+            format!("{}.{}.c2ln", header(r#"{"alg":"HS256"}"#), header("[1,2")),
+            format!(
+                "{}.{}.c2ln",
+                header(r#"{"alg":"none"}"#),
+                header(r#"{"sub":1}"#)
+            ),
+            format!(
+                "{}.{}.c2ln",
+                header(r#"{"alg":"HS256"}"#),
+                header(r#"{"sub":1,"exp":9999999999}"#)
+            ),
+        ];
+        for t in &malformed {
+            let e = v.verify(Some(t)).unwrap_err();
+            assert_eq!(e.to_string(), "invalid token", "{t}: {e:?}");
+            assert!(e.detail().is_some_and(|d| !d.is_empty()), "{t}");
+        }
+        let sign = |c: Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &c,
+                &EncodingKey::from_secret(b"0123456789abcdef0123"),
+            )
+            .unwrap()
+        };
+        let exp = jsonwebtoken::get_current_timestamp() + 600;
+        let e = v
+            .verify(Some(&sign(json!({"sub": "x", "exp": exp}))))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid token: no integer user id in sub, user_id or userId"
+        );
+        let e = v
+            .verify(Some(&sign(
+                json!({"sub": 1, "exp": exp, "token_type": "refresh"}),
+            )))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "wrong token type: an access token is required"
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 /// (unit, layer), top to bottom.
 const UNITS: &[(&str, &str)] = &[
     // Edges: parse, authorize, render errors; wire the node.
+    // Test builds only: the fuzz targets drive ws's own helpers and the
+    // leaves below it.
+    ("ws::fuzz", "edges"),
     ("ws::testee", "edges"),
     ("node", "edges"),
     ("health", "edges"),

@@ -372,7 +372,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// The integer after `"key":` in a JSON frame, without parsing the JSON.
-fn int_field(b: &[u8], key: &[u8]) -> Option<u64> {
+pub(crate) fn int_field(b: &[u8], key: &[u8]) -> Option<u64> {
     let i = b.windows(key.len()).position(|w| w == key)? + key.len();
     let mut n = 0u64;
     let mut any = false;

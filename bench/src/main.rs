@@ -25,6 +25,12 @@
 //! - `redispatch`: W orders wait (`no_drivers`); one driver per order comes
 //!   online next to it and reports its position; latency from the position
 //!   sent to `new_order` at that driver (SPEC §5 "No stranded order").
+//! - `flood`: one node, S subscribers on a steady publish stream, and in
+//!   alternating phases one abusive socket sending 10,000 messages/s; the
+//!   subscribers' delivery p99 with and without it (SPEC §11).
+//! - `soak`: two nodes for 30 minutes (bounded): fan-out, driver locations,
+//!   connection churn, dispatch, one Redis restart and one node SIGKILL;
+//!   RSS and open fds of each node over time, lost and duplicated events.
 //!
 //! One module per scenario; `shared` holds what they have in common. Nodes
 //! are processes of the workspace's `switchboard` binary, found beside this
@@ -35,10 +41,12 @@ mod churn;
 mod connections;
 mod expiry;
 mod fanout;
+mod flood;
 mod locations;
 mod recovery;
 mod redispatch;
 mod shared;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -82,6 +90,11 @@ enum Cmd {
     Recovery(recovery::Args),
     /// Waiting orders: a driver becomes eligible → `new_order` latency.
     Redispatch(redispatch::Args),
+    /// One abusive socket (10,000 messages/s) vs the other sockets' p99.
+    Flood(flood::Args),
+    /// Two nodes for a long time under everything at once, with faults:
+    /// RSS, fds, lost and duplicated events.
+    Soak(soak::Args),
     /// Idle sockets: RSS and CPU per socket.
     Connections {
         #[arg(long, default_value_t = 3)]
@@ -156,6 +169,8 @@ fn main() -> anyhow::Result<()> {
             Cmd::Fanout(args) => fanout::run(args).await,
             Cmd::Recovery(args) => recovery::run(args).await,
             Cmd::Redispatch(args) => redispatch::run(args).await,
+            Cmd::Flood(args) => flood::run(args).await,
+            Cmd::Soak(args) => soak::run(args).await,
             Cmd::Connections {
                 nodes,
                 sockets,

@@ -128,7 +128,7 @@ const GROUP_BASE: u64 = 1_000_000;
 const BROADCAST_ROOM: &str = "admin-orders";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dialect {
+pub(crate) enum Dialect {
     Rooms,
     Events,
     Driver,
@@ -138,7 +138,7 @@ impl Dialect {
     fn of(i: usize) -> Dialect {
         [Dialect::Rooms, Dialect::Events, Dialect::Driver][i % 3]
     }
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Dialect::Rooms => "/",
             Dialect::Events => "/ws",
@@ -157,12 +157,12 @@ impl Dialect {
 }
 
 /// One socket: who it is and which rooms it is in.
-struct Spec {
-    idx: usize,
-    dialect: Dialect,
+pub(crate) struct Spec {
+    pub(crate) idx: usize,
+    pub(crate) dialect: Dialect,
     token: String,
     /// Every room it is in; the auto rooms first.
-    rooms: Vec<String>,
+    pub(crate) rooms: Vec<String>,
     /// The room it joins with `join-room` (rooms dialect only).
     join: Option<String>,
 }
@@ -175,7 +175,7 @@ fn user_room(i: usize) -> String {
     format!("user-{}", i + 1)
 }
 
-fn specs(sockets: usize, groups: usize) -> Vec<Spec> {
+pub(crate) fn specs(sockets: usize, groups: usize) -> Vec<Spec> {
     (0..sockets)
         .map(|i| {
             let dialect = Dialect::of(i);
@@ -208,21 +208,21 @@ fn specs(sockets: usize, groups: usize) -> Vec<Spec> {
 }
 
 /// What the scenario's tasks share.
-struct Shared {
+pub(crate) struct Shared {
     /// Nodes that take sockets and publishes now.
-    live: RwLock<Vec<SocketAddr>>,
+    pub(crate) live: RwLock<Vec<SocketAddr>>,
     /// Sockets connected to each node.
-    per_node: Mutex<HashMap<SocketAddr, usize>>,
+    pub(crate) per_node: Mutex<HashMap<SocketAddr, usize>>,
     /// Sockets connected and in all their rooms.
-    ready: AtomicUsize,
+    pub(crate) ready: AtomicUsize,
     /// Frames received, all sockets (the quiet detector watches it).
-    frames: AtomicU64,
+    pub(crate) frames: AtomicU64,
 }
 
 impl Shared {
     /// A live node for attempt `n` of socket `seed`, other than `avoid`
     /// when there is another.
-    fn pick(&self, seed: usize, avoid: Option<SocketAddr>) -> Option<SocketAddr> {
+    pub(crate) fn pick(&self, seed: usize, avoid: Option<SocketAddr>) -> Option<SocketAddr> {
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
         let others: Vec<SocketAddr> = live.iter().copied().filter(|a| Some(*a) != avoid).collect();
         if others.is_empty() {
@@ -231,7 +231,7 @@ impl Shared {
         Some(others[seed % others.len()])
     }
 
-    fn set_live(&self, addr: SocketAddr, live: bool) {
+    pub(crate) fn set_live(&self, addr: SocketAddr, live: bool) {
         let mut l = self.live.write().unwrap_or_else(|e| e.into_inner());
         l.retain(|a| *a != addr);
         if live {
@@ -245,7 +245,7 @@ impl Shared {
         *n = n.saturating_add_signed(delta);
     }
 
-    fn on_node(&self, addr: SocketAddr) -> usize {
+    pub(crate) fn on_node(&self, addr: SocketAddr) -> usize {
         let m = self.per_node.lock().unwrap_or_else(|e| e.into_inner());
         m.get(&addr).copied().unwrap_or(0)
     }
@@ -265,9 +265,17 @@ struct RoomState {
 
 /// What one socket counted.
 #[derive(Default)]
-struct ClientReport {
+pub(crate) struct ClientReport {
     /// (room index, event id) in arrival order.
-    log: Vec<(u8, u64)>,
+    pub(crate) log: Vec<(u8, u64)>,
+    /// Rooms the server said it could not recover on a reconnect: (room
+    /// index, when the previous connection ended, when it was told).
+    pub(crate) gaps: Vec<(u8, Instant, Instant)>,
+    /// Historical frames of other types (order events in `admin-orders`,
+    /// driver positions: the soak's other traffic), not counted.
+    pub(crate) other_events: u64,
+    /// Frames whose offset was not above the last one of their room.
+    pub(crate) out_of_order_offsets: u64,
     reconnects: u64,
     connect_failures: u64,
     closes: BTreeMap<u16, u64>,
@@ -276,7 +284,6 @@ struct ClientReport {
     not_recovered_reasons: BTreeMap<String, u64>,
     missed_reported: u64,
     replayed: u64,
-    out_of_order_offsets: u64,
     /// Event frames without `room`/`offset`, or for a room it is not in.
     bad_frames: u64,
     errors: BTreeMap<String, u64>,
@@ -289,6 +296,8 @@ struct Client {
     connected: bool,
     ready: bool,
     report: ClientReport,
+    /// When the last connection ended.
+    last_end: Option<Instant>,
 }
 
 impl Client {
@@ -309,6 +318,7 @@ impl Client {
             connected: false,
             ready: false,
             report: ClientReport::default(),
+            last_end: None,
         }
     }
 
@@ -355,6 +365,9 @@ impl Client {
                 return;
             }
             self.report.not_recovered += 1;
+            if let Some(end) = self.last_end {
+                self.report.gaps.push((i as u8, end, Instant::now()));
+            }
             let reason = recovery["reason"].as_str().unwrap_or("no recovery outcome");
             *self
                 .report
@@ -414,6 +427,12 @@ impl Client {
                 None
             }
             "initial_orders" | "pong" => None,
+            // The soak's other traffic: order events (historical, with a
+            // room) and driver positions.
+            t if v.get("room").is_some() || t.to_ascii_lowercase().contains("location") => {
+                self.report.other_events += 1;
+                None
+            }
             "error" | "ERROR" => {
                 let code = d.body(&v)["code"].as_str().unwrap_or("?").to_string();
                 *self.report.errors.entry(code).or_default() += 1;
@@ -444,6 +463,10 @@ impl Client {
         let st = &mut self.rooms[i];
         if offset <= st.offset {
             self.report.out_of_order_offsets += 1;
+            // Follow the room from here (after a Redis restart a live
+            // socket sees the new epoch's offsets start over): one count
+            // per regression, not one per frame until it catches up.
+            st.offset = offset;
         } else {
             if offset <= st.replay_floor {
                 self.report.replayed += 1;
@@ -460,12 +483,16 @@ impl Client {
 
 /// One socket's life: connect, count, and after any disconnect reconnect
 /// to another live node with what it has seen, until `stop`.
-async fn client(
+///
+/// With `churn_secs` > 0 the client also ends each connection itself after
+/// a random 0.5–1.5 × `churn_secs` and resumes (the soak's churn).
+pub(crate) async fn client(
     spec: Spec,
     shared: Arc<Shared>,
     stop: CancellationToken,
     gate: Arc<tokio::sync::Semaphore>,
     jitter_ms: u64,
+    churn_secs: f64,
 ) -> (Spec, ClientReport) {
     let mut c = Client::new(spec);
     let idx = c.spec.idx;
@@ -504,6 +531,13 @@ async fn client(
         }
         shared.connected(addr, 1);
         let mut permit = permit;
+        let life = if churn_secs > 0.0 {
+            Duration::from_secs_f64(churn_secs * (0.5 + rng.next_f64()))
+        } else {
+            Duration::from_secs(86_400 * 365)
+        };
+        let hang_up = tokio::time::sleep(life);
+        tokio::pin!(hang_up);
         let code = loop {
             let m = tokio::select! {
                 biased;
@@ -512,6 +546,8 @@ async fn client(
                     break 'life;
                 }
                 m = sock.recv() => m,
+                // Churn: this client hangs up (1000 from its side).
+                _ = &mut hang_up, if c.is_ready() => break 1000,
             };
             match m {
                 Some(Incoming::Text(b)) => {
@@ -531,6 +567,8 @@ async fn client(
             }
         };
         drop(permit);
+        drop(sock);
+        c.last_end = Some(Instant::now());
         shared.connected(addr, -1);
         *c.report.closes.entry(code).or_default() += 1;
         if c.is_ready() {
@@ -550,17 +588,19 @@ async fn client(
 }
 
 /// One publish: its id, rooms, and whether it was answered 204.
-struct Published {
-    id: u64,
-    rooms: Vec<String>,
-    acked: bool,
+pub(crate) struct Published {
+    pub(crate) id: u64,
+    pub(crate) rooms: Vec<String>,
+    pub(crate) acked: bool,
+    /// When the publish was sent.
+    pub(crate) at: Instant,
 }
 
 /// Publisher `j` of `p`: owns groups `g ≡ j (mod p)`, their members'
 /// personal rooms and (publisher 0) the broadcast room; publishes at
 /// `rate` per second, one request at a time, to the live nodes in turn.
 #[allow(clippy::too_many_arguments)]
-async fn publisher(
+pub(crate) async fn publisher(
     j: usize,
     p: usize,
     rate: f64,
@@ -609,6 +649,7 @@ async fn publisher(
         let Some(addr) = shared.pick(k as usize + j, None) else {
             break;
         };
+        let at = Instant::now();
         let result = async {
             let conn = match conns.entry(addr) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -635,7 +676,12 @@ async fn publisher(
                 false
             }
         };
-        out.push(Published { id, rooms, acked });
+        out.push(Published {
+            id,
+            rooms,
+            acked,
+            at,
+        });
     }
     (out, failures)
 }
@@ -677,7 +723,7 @@ impl Cluster {
     }
 }
 
-async fn wait_all_ready(shared: &Shared, sockets: usize, within: Duration) -> bool {
+pub(crate) async fn wait_all_ready(shared: &Shared, sockets: usize, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while shared.ready.load(Ordering::SeqCst) < sockets {
         if Instant::now() > deadline {
@@ -811,6 +857,7 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
                 stop.clone(),
                 gate.clone(),
                 a.reconnect_jitter_ms,
+                0.0,
             ))
         })
         .collect();
@@ -1009,26 +1056,26 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
 }
 
 #[derive(Default)]
-struct Totals {
-    expected: u64,
-    delivered: u64,
-    lost: u64,
-    duplicated: u64,
-    out_of_order: u64,
-    unacked_delivered: u64,
-    misrouted: u64,
-    bad_frames: u64,
-    reconnects: u64,
-    connect_failures: u64,
-    closes: BTreeMap<u16, u64>,
-    recovered: u64,
-    not_recovered: u64,
-    reasons: BTreeMap<String, u64>,
-    replayed: u64,
-    missed_reported: u64,
-    errors: BTreeMap<String, u64>,
+pub(crate) struct Totals {
+    pub(crate) expected: u64,
+    pub(crate) delivered: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) unacked_delivered: u64,
+    pub(crate) misrouted: u64,
+    pub(crate) bad_frames: u64,
+    pub(crate) reconnects: u64,
+    pub(crate) connect_failures: u64,
+    pub(crate) closes: BTreeMap<u16, u64>,
+    pub(crate) recovered: u64,
+    pub(crate) not_recovered: u64,
+    pub(crate) reasons: BTreeMap<String, u64>,
+    pub(crate) replayed: u64,
+    pub(crate) missed_reported: u64,
+    pub(crate) errors: BTreeMap<String, u64>,
     /// The first few anomalies, spelled out.
-    samples: Vec<String>,
+    pub(crate) samples: Vec<String>,
 }
 
 impl Totals {
@@ -1038,7 +1085,7 @@ impl Totals {
         }
     }
 
-    fn add(
+    pub(crate) fn add(
         &mut self,
         spec: &Spec,
         rep: &ClientReport,

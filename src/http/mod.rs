@@ -214,7 +214,14 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
     )
     .await
     .map_err(|_| ApiError::Timeout("the request body did not arrive within 10 s".into()))?
-    .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?
+    .map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            ApiError::BadRequest(format!("the body is larger than {MAX_BODY} bytes"))
+        } else {
+            tracing::debug!(error = %e, "request body not read");
+            ApiError::BadRequest("cannot read the request body".into())
+        }
+    })?
     .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
@@ -224,7 +231,11 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
 pub fn identity<B>(app: &App, req: &Request<B>) -> Result<Identity, ApiError> {
     app.verifier
         .verify(crate::ws::token_of(req, None).as_deref())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+        .map_err(|e| {
+            // The client gets our wording; the parser's, here (never the token).
+            tracing::debug!(error = %e, detail = e.detail(), "token refused");
+            ApiError::Unauthorized(e.to_string())
+        })
 }
 
 pub async fn handle(

@@ -171,7 +171,11 @@ async fn cluster_nodes(
     app: &App,
     redis: &crate::redis_conn::Redis,
 ) -> Result<Vec<Value>, ApiError> {
-    let unavailable = |e: String| ApiError::Unavailable(format!("redis: {e}"));
+    // Redis's own text goes to the log, not to the client (SPEC §11).
+    let unavailable = |e: String| {
+        tracing::warn!(error = %e, "cluster stats: redis unavailable");
+        ApiError::Unavailable("redis unavailable, retry later".into())
+    };
     let k = crate::redis_conn::Keys::new(&app.config.redis_prefix, redis.is_cluster());
     let mut conn = redis.get().await.map_err(|e| unavailable(e.to_string()))?;
     let ids: Vec<String> = redis::cmd("SMEMBERS")

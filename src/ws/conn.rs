@@ -28,7 +28,8 @@ use super::dialect::{Command, Dialect, Reply};
 use super::frame::{self, DecodeError};
 use super::outbox::{Outbox, Wire, close_code};
 use crate::auth::{AuthError, Identity, Role};
-use crate::broker::{Broker, Replay};
+use crate::broker::{Broker, BrokerError, Replay};
+use crate::domain::DomainError;
 use crate::event::{Event, Recovery, StreamPos};
 use crate::metrics as m;
 use crate::node::app::App;
@@ -211,6 +212,42 @@ pub(crate) async fn goodbye(outbox: &Outbox, keep_queue: bool) {
     .await;
 }
 
+/// A failure of the rules or a backend as the client's error message. Rule
+/// errors keep their message (written for the client); a backend failure
+/// says only which backend failed, and its own text (a database's or Redis's
+/// message) goes to the log (SPEC §11). The code is [`DomainError::code`].
+fn client_message(e: &DomainError) -> String {
+    let what = match e {
+        DomainError::Invalid(_)
+        | DomainError::NotFound(_)
+        | DomainError::Conflict(_)
+        | DomainError::Rule { .. } => return e.to_string(),
+        DomainError::Store(_) => "database",
+        DomainError::Broker(_) => "broker",
+        DomainError::Index(_) => "driver index",
+        DomainError::Clock(_) => "offer clock",
+    };
+    if e.is_unavailable() {
+        // Debug: a socket's positions fail like this many times a second
+        // while Redis is down, which readiness and the health log report.
+        tracing::debug!(error = %e, "{what} unavailable");
+        format!("{what} unavailable, retry later")
+    } else {
+        tracing::error!(error = %e, "{what} failed");
+        format!("internal error ({what})")
+    }
+}
+
+/// A broker failure as the client's words; Redis's own text to the log.
+fn broker_message(room: &str, doing: &str, e: &BrokerError) -> String {
+    tracing::debug!(error = %e, room, "broker unavailable while {doing}");
+    let why = match e {
+        BrokerError::Timeout => "broker timed out",
+        _ => "broker unavailable",
+    };
+    format!("room {room} {doing}: {why}")
+}
+
 /// When a socket pinged now pings next: `every` from now, rounded up to a
 /// grid of `PING_GRID` shared by every socket, so the node wakes a few times
 /// a second for all its pings (and reads the pongs in bursts) instead of
@@ -367,7 +404,7 @@ impl Session {
                 // The membership stays: re-subscribed when Redis is back.
                 self.error(
                     "broker_unavailable",
-                    &format!("room {room} is not live yet: {e}"),
+                    &broker_message(&room, "is not live yet", &e),
                 );
             }
             self.rooms.push(room);
@@ -398,7 +435,7 @@ impl Session {
         if self.dialect == Dialect::Driver {
             match self.app.initial_orders(&self.identity).await {
                 Ok(orders) => self.reply(&Reply::InitialOrders(&orders)),
-                Err(e) => self.error(e.code(), &e.to_string()),
+                Err(e) => self.error(e.code(), &client_message(&e)),
             }
         }
         self.send_replay(&resumed.replay);
@@ -418,7 +455,7 @@ impl Session {
                 Err(e) => {
                     self.error(
                         "broker_unavailable",
-                        &format!("no position for room {room}: {e}"),
+                        &broker_message(room, "has no position now", &e),
                     );
                     return;
                 }
@@ -435,7 +472,7 @@ impl Session {
                 Err(e) => {
                     self.error(
                         "broker_unavailable",
-                        &format!("room {room} cannot be recovered now: {e}"),
+                        &broker_message(room, "cannot be recovered now", &e),
                     );
                     let rec = Recovery::NotRecovered {
                         reason: "unavailable",
@@ -504,7 +541,7 @@ impl Session {
                 // broker comes back.
                 self.error(
                     "broker_unavailable",
-                    &format!("room {room} is not live yet: {e}"),
+                    &broker_message(&room, "is not live yet", &e),
                 );
                 self.outbox.release(Vec::new());
                 return;
@@ -766,7 +803,7 @@ impl Session {
                 if self.identity.role != Role::Driver {
                     self.error("forbidden", "only drivers report locations");
                 } else if let Err(e) = self.app.driver_location(&self.identity, loc).await {
-                    self.error(e.code(), &e.to_string());
+                    self.error(e.code(), &client_message(&e));
                 }
             }
         }

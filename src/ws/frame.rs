@@ -120,7 +120,15 @@ pub fn decode(
     if len > cap as u64 {
         return Err(DecodeError::TooLarge(len));
     }
-    let total = header + 4 + len as usize;
+    // Checked: under a cap near `usize::MAX` a declared 2^64-1 overflowed
+    // here (found by the fuzz target; the node's caps are far below, as
+    // MAX_FRAME_BYTES is at most 16 MiB, but `decode` takes any cap).
+    let Some(total) = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(header + 4))
+    else {
+        return Err(DecodeError::TooLarge(len));
+    };
     if buf.len() < total {
         *need = total;
         return Ok(None);
@@ -192,6 +200,23 @@ mod tests {
                 assert_eq!((g.0, g.1, &g.2[..]), (w.0, w.1, w.2), "chunk {chunk}");
             }
         }
+    }
+
+    /// Found by the fuzz target: a declared length of 2^64-1 under a cap
+    /// of `usize::MAX` overflowed the frame's size (a panic in a debug
+    /// build, a wrong size in a release one). Unreachable from a node,
+    /// whose caps follow MAX_FRAME_BYTES (≤ 16 MiB).
+    #[test]
+    fn a_length_near_u64_max_is_too_large_whatever_the_cap() {
+        let mut b = vec![0x81, 0x80 | 127];
+        b.extend_from_slice(&u64::MAX.to_be_bytes());
+        b.extend_from_slice(&[1, 2, 3, 4, b'x']);
+        let mut buf = BytesMut::from(&b[..]);
+        let mut need = 0;
+        assert_eq!(
+            decode(&mut buf, usize::MAX, &mut need).unwrap_err(),
+            DecodeError::TooLarge(u64::MAX)
+        );
     }
 
     #[test]

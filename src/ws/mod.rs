@@ -5,6 +5,9 @@ pub(crate) mod assemble;
 pub(crate) mod conn;
 pub mod dialect;
 pub(crate) mod frame;
+/// Fuzz targets under `cargo test` (test builds only).
+#[cfg(test)]
+mod fuzz;
 pub(crate) mod outbox;
 /// The Autobahn echo testee (`scripts/autobahn`); not part of the product.
 #[cfg(feature = "autobahn")]
@@ -114,6 +117,11 @@ pub(crate) fn upgrade(
 ) -> Result<Response<Full<Bytes>>, fastwebsockets::WebSocketError> {
     let token = token_of(&req, path_token);
     let auth = app.verifier.verify(token.as_deref());
+    if let Err(e) = &auth {
+        // The client is told in our words (`conn::serve`); the parser's
+        // words go here (never the token).
+        tracing::debug!(error = %e, detail = e.detail(), "token refused");
+    }
     let since = since_of(&req);
     let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
     let tracker = app.tracker.clone();
