@@ -832,6 +832,7 @@ async fn redis_cluster_failover_is_survived_and_recovery_covers_the_gap() {
         })
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
+    replica_caught_up(doomed).await;
     cluster.kill(doomed);
     let killed_at = Instant::now();
     let before = acked.load(std::sync::atomic::Ordering::Relaxed);

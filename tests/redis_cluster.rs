@@ -9,7 +9,6 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -154,50 +153,6 @@ async fn two_nodes_deliver_every_dialect_with_rooms_on_different_masters() {
 }
 
 /// `since` as a client sends it: base64url, no padding.
-fn since(positions: &Value) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(positions.to_string())
-}
-
-fn rooms_of(connected: &Value) -> Value {
-    for body in [&connected["data"], &connected["payload"], connected] {
-        if body.get("rooms").is_some() {
-            return body["rooms"].clone();
-        }
-    }
-    panic!("no rooms in {connected}")
-}
-
-fn recovery_of(connected: &Value) -> Value {
-    for body in [&connected["data"], &connected["payload"], connected] {
-        if body.get("recovery").is_some() {
-            return body["recovery"].clone();
-        }
-    }
-    Value::Null
-}
-
-async fn publish_n(addr: std::net::SocketAddr, room: &str, from: u64, n: u64) {
-    for i in from..from + n {
-        let (s, b) =
-            publish_body(addr, json!({"room": room, "type": "seq", "data": {"n": i}})).await;
-        assert_eq!(s, 204, "{b}");
-    }
-}
-
-async fn read_seq(c: &mut Client, n: usize) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let v = c.recv().await;
-        if v["type"] == "seq" {
-            out.push((
-                v["data"]["n"].as_u64().unwrap(),
-                v["offset"].as_u64().expect("offset"),
-            ));
-        }
-    }
-    out
-}
-
 /// History lives in the room's slot: a socket that left node A resumes on
 /// node B with `since` and gets exactly what it missed, then live.
 #[tokio::test]
@@ -498,43 +453,4 @@ async fn a_master_failover_loses_nothing_recovery_cannot_replay() {
     // redis crate sometimes repairs the subscription before telling, so the
     // dip is reported, not required. Ready again is required (above).
     let _ = dipped;
-}
-
-/// Waits (up to 10 s) until the replica of the master on `port` has acked
-/// the master's replication offset as of now.
-async fn replica_caught_up(port: u16) {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
-    let c = client.get_multiplexed_async_connection().await.unwrap();
-    let info = || {
-        let mut c = c.clone();
-        async move {
-            let text: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            let field = |line: &str, key: &str| -> Option<u64> {
-                line.split(',')
-                    .find_map(|kv| kv.strip_prefix(key))
-                    .and_then(|v| v.trim().parse().ok())
-            };
-            let master = text
-                .lines()
-                .find_map(|l| field(l, "master_repl_offset:"))
-                .unwrap_or(0);
-            let replica = text
-                .lines()
-                .filter(|l| l.starts_with("slave"))
-                .filter_map(|l| field(l.split_once(':')?.1, "offset="))
-                .max()
-                .unwrap_or(0);
-            (master, replica)
-        }
-    };
-    let (target, _) = info().await;
-    let until = Instant::now() + Duration::from_secs(10);
-    while info().await.1 < target {
-        assert!(Instant::now() < until, "the replica did not catch up");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -9,6 +9,8 @@
 //! - [`ws`] the WebSocket test client and what to do with what it receives;
 //! - [`http`] HTTP calls (one-shot, kept-alive, with a token), the orders
 //!   and driver calls the scenarios repeat, error bodies, metrics;
+//! - [`resume`] `since`, connect-message positions and numbered publishes
+//!   (SPEC §10);
 //! - [`db`] SQLite and PostgreSQL test databases (`db_variants!`) and raw
 //!   queries for assertions.
 // Not every test binary uses every helper.
@@ -17,6 +19,7 @@
 pub mod db;
 pub mod http;
 pub mod node;
+pub mod resume;
 pub mod ws;
 
 use std::time::{Duration, Instant};
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 #[allow(unused_imports)]
-pub use {db::*, http::*, node::*, ws::*};
+pub use {db::*, http::*, node::*, resume::*, ws::*};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
 pub const API_KEY: &str = "test-api-key";

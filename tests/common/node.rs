@@ -114,3 +114,49 @@ pub async fn start_server(
         .start()
         .await
 }
+
+/// Redis replicates asynchronously: what a replica has not received when
+/// its master dies is gone (README "Known limits"). Failover tests call
+/// this before the kill, so that on a loaded machine the replica holds at
+/// least the run so far; publishes go on meanwhile and through the kill.
+/// Waits (up to 10 s) until the replica of the master on `port` has acked
+/// the master's replication offset as of now.
+pub async fn replica_caught_up(port: u16) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let c = client.get_multiplexed_async_connection().await.unwrap();
+    let info = || {
+        let mut c = c.clone();
+        async move {
+            let text: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let field = |line: &str, key: &str| -> Option<u64> {
+                line.split(',')
+                    .find_map(|kv| kv.strip_prefix(key))
+                    .and_then(|v| v.trim().parse().ok())
+            };
+            let master = text
+                .lines()
+                .find_map(|l| field(l, "master_repl_offset:"))
+                .unwrap_or(0);
+            let replica = text
+                .lines()
+                .filter(|l| l.starts_with("slave"))
+                .filter_map(|l| field(l.split_once(':')?.1, "offset="))
+                .max()
+                .unwrap_or(0);
+            (master, replica)
+        }
+    };
+    let (target, _) = info().await;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while info().await.1 < target {
+        assert!(
+            std::time::Instant::now() < until,
+            "the replica did not catch up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
