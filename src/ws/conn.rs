@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use super::assemble::{Assembler, Step};
 use super::dialect::{Command, Dialect, Reply};
 use super::frame::{self, DecodeError};
-use super::outbox::{Outbox, Wire, close_code};
+use super::outbox::{Outbox, Wire, close_code, goodbye};
 use crate::auth::{AuthError, Identity, Role};
 use crate::broker::{Broker, BrokerError, Replay};
 use crate::domain::DomainError;
@@ -161,55 +161,6 @@ async fn refuse(outbox: &Outbox, code: u16, err: &'static str, message: &str) {
     ));
     outbox.closer.close(code, err);
     Box::pin(goodbye(outbox, true)).await;
-}
-
-/// Sends the close frame (after the backlog when `keep_queue`), then ends
-/// the TCP stream: our side is shut for writing, and what the peer still
-/// sends (the rest of a message over the cap, its close frame) is read and
-/// dropped until it closes too, so the connection ends with a closing
-/// handshake rather than a reset (closing a socket with unread input makes
-/// the kernel send RST, and the peer may lose our close frame): after a
-/// protocol failure (1002, 1007, 1009) only. Gives up after 2 s on a peer
-/// that does not read, and after 2 s more on one that does not close.
-pub(crate) async fn goodbye(outbox: &Outbox, keep_queue: bool) {
-    let (code, reason) = outbox.closer.reason().unwrap_or((close_code::NORMAL, ""));
-    outbox.seal(frame::close(code, reason), keep_queue);
-    let Some(stream) = outbox.stream() else {
-        return;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while !outbox.flush()? {
-            stream.writable().await?;
-        }
-        io::Result::Ok(())
-    })
-    .await;
-    let _ = stream.shutdown_write();
-    // After a protocol failure the peer may still be sending: read until it
-    // closes. Otherwise (drain, normal close, refusals) the peer is expected
-    // to be done; a well-behaved one closes at once anyway.
-    let failed = matches!(
-        code,
-        close_code::PROTOCOL_ERROR | close_code::INVALID_DATA | close_code::MESSAGE_TOO_BIG
-    );
-    if !failed {
-        return;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        // On the heap, and only here: a socket's task future is sized by its
-        // largest await point, and every idle socket would carry this.
-        let mut sink = vec![0u8; 4096];
-        loop {
-            stream.readable().await?;
-            match stream.try_read(&mut sink) {
-                Ok(0) => return io::Result::Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await;
 }
 
 /// A failure of the rules or a backend as the client's error message. Rule

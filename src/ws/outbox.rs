@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
 use tokio::net::{TcpStream, UnixStream};
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::lock::lock;
 use crate::metrics as m;
 use crate::ws::dialect::Dialect;
+use crate::ws::frame;
 
 /// The byte stream under a socket: the client's TCP connection itself, or,
 /// for a TLS connection, the local end of a socket pair whose other end
@@ -455,4 +457,53 @@ impl Outbox {
         out.bytes = 0;
         out.queue.drain(..).collect()
     }
+}
+
+/// Sends the close frame (after the backlog when `keep_queue`), then ends
+/// the TCP stream: our side is shut for writing, and what the peer still
+/// sends (the rest of a message over the cap, its close frame) is read and
+/// dropped until it closes too, so the connection ends with a closing
+/// handshake rather than a reset (closing a socket with unread input makes
+/// the kernel send RST, and the peer may lose our close frame): after a
+/// protocol failure (1002, 1007, 1009) only. Gives up after 2 s on a peer
+/// that does not read, and after 2 s more on one that does not close.
+pub(crate) async fn goodbye(outbox: &Outbox, keep_queue: bool) {
+    let (code, reason) = outbox.closer.reason().unwrap_or((close_code::NORMAL, ""));
+    outbox.seal(frame::close(code, reason), keep_queue);
+    let Some(stream) = outbox.stream() else {
+        return;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !outbox.flush()? {
+            stream.writable().await?;
+        }
+        io::Result::Ok(())
+    })
+    .await;
+    let _ = stream.shutdown_write();
+    // After a protocol failure the peer may still be sending: read until it
+    // closes. Otherwise (drain, normal close, refusals) the peer is expected
+    // to be done; a well-behaved one closes at once anyway.
+    let failed = matches!(
+        code,
+        close_code::PROTOCOL_ERROR | close_code::INVALID_DATA | close_code::MESSAGE_TOO_BIG
+    );
+    if !failed {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // On the heap, and only here: a socket's task future is sized by its
+        // largest await point, and every idle socket would carry this.
+        let mut sink = vec![0u8; 4096];
+        loop {
+            stream.readable().await?;
+            match stream.try_read(&mut sink) {
+                Ok(0) => return io::Result::Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
 }

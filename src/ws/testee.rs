@@ -1,7 +1,7 @@
 //! The Autobahn TestSuite's echo testee, built from the product's own socket
 //! code: the frame decoder (`ws::frame`), the RFC rules of message assembly
 //! and close frames (`ws::assemble`), the writer (`ws::outbox`) and the
-//! close handshake (`ws::conn::goodbye`). Only with the `autobahn` feature
+//! close handshake (`ws::outbox::goodbye`). Only with the `autobahn` feature
 //! (`cargo run --example autobahn_testee --features autobahn`), for
 //! `scripts/autobahn`: never a product endpoint.
 //!
@@ -21,10 +21,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::ws::assemble::{Assembler, Step};
-use crate::ws::conn::goodbye;
 use crate::ws::dialect::Dialect;
 use crate::ws::frame::{self, DecodeError};
-use crate::ws::outbox::{Outbox, Wire, close_code};
+use crate::ws::outbox::{Outbox, Wire, close_code, goodbye};
 
 /// Serves echo sockets on `listener` until the process ends; messages up
 /// to `cap` bytes.
