@@ -734,6 +734,29 @@ pub(crate) async fn wait_all_ready(shared: &Shared, sockets: usize, within: Dura
     true
 }
 
+/// Waits until every socket is in its rooms and no frame arrived for 1.5 s;
+/// false when that did not happen `within`.
+pub(crate) async fn wait_quiet(shared: &Shared, sockets: usize, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut last = shared.frames.load(Ordering::Relaxed);
+    let mut still_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = shared.frames.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        }
+        let all_in = shared.ready.load(Ordering::SeqCst) == sockets;
+        if all_in && still_since.elapsed() >= Duration::from_millis(1500) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+    }
+}
+
 async fn fault(
     a: &Args,
     cluster: &mut Cluster,
@@ -916,24 +939,7 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
     let publish_secs = started.elapsed().as_secs_f64();
 
     // Quiet: every socket in its rooms and no frame for 1.5 s (bounded).
-    let quiet_deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = shared.frames.load(Ordering::Relaxed);
-    let mut still_since = Instant::now();
-    let quiet = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = shared.frames.load(Ordering::Relaxed);
-        if now != last {
-            last = now;
-            still_since = Instant::now();
-        }
-        let all_in = shared.ready.load(Ordering::SeqCst) == a.sockets;
-        if all_in && still_since.elapsed() >= Duration::from_millis(1500) {
-            break true;
-        }
-        if Instant::now() > quiet_deadline {
-            break false;
-        }
-    };
+    let quiet = wait_quiet(&shared, a.sockets, Duration::from_secs(30)).await;
     let not_ready = a.sockets - shared.ready.load(Ordering::SeqCst).min(a.sockets);
     stop.cancel();
     let mut reports = Vec::new();

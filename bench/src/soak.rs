@@ -598,24 +598,7 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
     let publish_secs = started.elapsed().as_secs_f64();
 
     // Quiet: every socket in its rooms and no frame for 1.5 s (bounded).
-    let quiet_deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = shared.frames.load(Ordering::Relaxed);
-    let mut still_since = Instant::now();
-    let quiet = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = shared.frames.load(Ordering::Relaxed);
-        if now != last {
-            last = now;
-            still_since = Instant::now();
-        }
-        let all_in = shared.ready.load(Ordering::SeqCst) == a.sockets;
-        if all_in && still_since.elapsed() >= Duration::from_millis(1500) {
-            break true;
-        }
-        if Instant::now() > quiet_deadline {
-            break false;
-        }
-    };
+    let quiet = recovery::wait_quiet(&shared, a.sockets, Duration::from_secs(60)).await;
     sample_now("end");
     stop_clients.cancel();
     let mut reports = Vec::new();
