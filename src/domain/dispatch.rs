@@ -131,7 +131,7 @@ pub async fn dispatch(
         .await?
         {
             Some(offer) => {
-                offer_made(ctx, &offer).await;
+                offer_made(ctx, &offer, &order).await;
                 metrics::histogram!(m::DISPATCH_DURATION).record(start.elapsed().as_secs_f64());
                 return Ok(Some(offer));
             }
@@ -228,9 +228,14 @@ fn offer_made_events(order: &Order, offer: &Offer, changed: Option<&Order>) -> V
 /// and schedules the deadline. A deadline the clock cannot take (Redis
 /// down) is logged: the offer is committed, and the clock's database sweep
 /// expires it.
-async fn offer_made(ctx: &Ctx, offer: &Offer) {
+async fn offer_made(ctx: &Ctx, offer: &Offer, order: &Order) {
     ctx.wake_relay();
-    let _ = ctx.drivers.unwait_order(offer.order_id).await;
+    // Only an order that was waiting is in the waiting set: the others
+    // save the round trip (a stale entry is dropped by the dispatch it
+    // triggers).
+    if matches!(order.dispatch_status.as_str(), "no_drivers" | "gave_up") {
+        let _ = ctx.drivers.unwait_order(offer.order_id).await;
+    }
     metrics::counter!(m::OFFERS, "outcome" => "made").increment(1);
     if let Err(e) = ctx.offers.schedule(offer.id, deadline_ms(offer)).await {
         tracing::warn!(offer = offer.id, error = %e, "offer deadline not scheduled; the database sweep expires it");
@@ -319,7 +324,7 @@ pub async fn assign(ctx: &Ctx, order: &Order, driver_id: i64) -> Result<Offer, D
     .ok_or_else(|| {
         DomainError::Conflict("the driver or the order got another offer first".into())
     })?;
-    offer_made(ctx, &offer).await;
+    offer_made(ctx, &offer, order).await;
     Ok(offer)
 }
 
