@@ -14,6 +14,8 @@ pub const WS_ERRORS: &str = "switchboard_ws_errors_total";
 pub const SLOW_CONSUMERS: &str = "switchboard_slow_consumers_total";
 pub const BROKER_PUBLISHED: &str = "switchboard_broker_published_total";
 pub const BROKER_RECEIVED: &str = "switchboard_broker_received_total";
+pub const BROKER_FILLED: &str = "switchboard_broker_filled_total";
+pub const BROKER_DUPLICATES: &str = "switchboard_broker_duplicates_dropped_total";
 pub const BROKER_RECONNECTS: &str = "switchboard_broker_reconnects_total";
 pub const DELIVERY_LATENCY: &str = "switchboard_delivery_latency_seconds";
 pub const REDIS_DURATION: &str = "switchboard_redis_command_duration_seconds";
@@ -54,6 +56,8 @@ pub const ALL: &[&str] = &[
     SLOW_CONSUMERS,
     BROKER_PUBLISHED,
     BROKER_RECEIVED,
+    BROKER_FILLED,
+    BROKER_DUPLICATES,
     BROKER_RECONNECTS,
     DELIVERY_LATENCY,
     REDIS_DURATION,
@@ -207,6 +211,8 @@ fn zero_series() {
     for c in [
         BROKER_PUBLISHED,
         BROKER_RECEIVED,
+        BROKER_FILLED,
+        BROKER_DUPLICATES,
         BROKER_RECONNECTS,
         DRIVER_LOCATIONS,
     ] {
@@ -229,13 +235,7 @@ fn zero_series() {
     metrics::gauge!(READY).increment(0.0);
     metrics::gauge!(OUTBOX_PENDING).increment(0.0);
     metrics::counter!(OUTBOX_RELAYED).increment(0);
-    for outcome in [
-        "recovered",
-        "epoch_changed",
-        "too_old",
-        "unavailable",
-        "bad_since",
-    ] {
+    for outcome in ["recovered", "epoch_changed", "too_old", "bad_since"] {
         metrics::counter!(RECOVERIES, "outcome" => outcome).increment(0);
     }
     metrics::counter!(REPLAYED).increment(0);
@@ -277,6 +277,14 @@ fn describe() {
     );
     describe_counter!(BROKER_PUBLISHED, "Room messages published to the broker");
     describe_counter!(BROKER_RECEIVED, "Room messages received from the broker");
+    describe_counter!(
+        BROKER_FILLED,
+        "Historical events read back from a room's history because this node's subscription missed them (reconnect catch-up, gap fill)"
+    );
+    describe_counter!(
+        BROKER_DUPLICATES,
+        "Live broker messages dropped because a catch-up had already delivered them"
+    );
     describe_counter!(BROKER_RECONNECTS, "Times the broker subscriber reconnected");
     describe_histogram!(
         DELIVERY_LATENCY,

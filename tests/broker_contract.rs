@@ -999,3 +999,154 @@ async fn redis_cluster_subscriber_fills_a_gap_from_history() {
     );
     assert_nothing_else(&b, &mut rx_b, "g", "after the gap").await;
 }
+
+// ---------------------------------------------------------------------------
+// A single Redis: the subscriber catches up after its connection is gone
+
+/// How the subscriber loses its connection.
+#[derive(Clone, Copy, Debug)]
+enum SubscriberFault {
+    /// `CLIENT KILL TYPE pubsub`: Redis keeps every history (same epochs).
+    Killed,
+    /// Redis SIGKILLed and started again empty (every epoch changes).
+    RedisRestart,
+}
+
+/// Whether broker `b`'s subscription to `room` is live in Redis right now.
+async fn subscribed(redis: &RedisServer, room: &str) -> bool {
+    let mut c = redis.conn().await;
+    let reply: Vec<redis::Value> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("cu:room:{room}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let n: i64 = redis::from_redis_value(reply[1].clone()).unwrap();
+    n > 0
+}
+
+/// Node B's subscriber loses its connection while node A publishes. What A
+/// published (and Redis acknowledged) while B was not subscribed reaches B
+/// once it is back, in order, with no duplicate: in a busy room (more live
+/// messages follow), a quiet one that had messages before (nothing follows:
+/// only the catch-up can deliver them) and one that had none before.
+async fn subscriber_catches_up(fault: SubscriberFault) {
+    init_tracing();
+    let mut redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (sink_a, _rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("cu:", sink_a.clone());
+    let b = setup.broker("cu:", sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    let rooms = ["busy", "quiet", "fresh"];
+    for r in rooms {
+        sink_b.want(r, true);
+        b.reconcile(r).await.unwrap();
+    }
+    let mut n = 0u64;
+    let mut expect: Vec<(String, Event)> = Vec::new();
+    // Before the fault: busy and quiet have history, fresh has none.
+    for r in ["busy", "quiet"] {
+        for _ in 0..3 {
+            n += 1;
+            let e = custom(&[r], n);
+            a.publish(Arc::new(e.clone())).await.unwrap();
+            expect.push((r.to_string(), e));
+        }
+    }
+    for _ in 0..expect.len() {
+        next(&mut rx_b, "before the fault").await;
+    }
+    // The subscriber's position of `fresh` is read right after its
+    // SUBSCRIBE, in the background.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    expect.clear();
+
+    match fault {
+        SubscriberFault::Killed => {
+            let mut c = redis.conn().await;
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        SubscriberFault::RedisRestart => {
+            redis.kill();
+            // Down long enough for the subscriber's backoff to grow.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            redis.restart();
+        }
+    }
+    // Published while B is not subscribed: counted only when Redis shows no
+    // subscriber after the publish was acknowledged.
+    let mut in_window = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    'window: loop {
+        for r in rooms {
+            n += 1;
+            let e = custom(&[r], n);
+            if a.publish(Arc::new(e.clone())).await.is_err() {
+                // The publisher reconnects after the restart: not
+                // acknowledged, not expected.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue 'window;
+            }
+            expect.push((r.to_string(), e));
+            if subscribed(&redis, r).await {
+                break 'window;
+            }
+            in_window += 1;
+        }
+        assert!(Instant::now() < deadline, "B never subscribed again");
+    }
+    assert!(
+        in_window >= 3,
+        "{fault:?}: only {in_window} publishes fell in the window; the test proves nothing"
+    );
+    wait_healthy(&b, true).await;
+    // Busy goes on; quiet and fresh stay quiet.
+    for _ in 0..3 {
+        n += 1;
+        let e = custom(&["busy"], n);
+        a.publish(Arc::new(e.clone())).await.unwrap();
+        expect.push(("busy".into(), e));
+    }
+    let mut got: Vec<(String, Event)> = Vec::new();
+    for i in 0..expect.len() {
+        got.push(
+            next(
+                &mut rx_b,
+                &format!("{fault:?}: delivery {i} of {}", expect.len()),
+            )
+            .await,
+        );
+    }
+    for r in rooms {
+        let want: Vec<&Event> = expect
+            .iter()
+            .filter(|(x, _)| x == r)
+            .map(|(_, e)| e)
+            .collect();
+        let have: Vec<&Event> = got.iter().filter(|(x, _)| x == r).map(|(_, e)| e).collect();
+        assert_eq!(have, want, "{fault:?}: room {r} (in order, each once)");
+    }
+    for r in rooms {
+        assert_nothing_else(&b, &mut rx_b, r, "after the catch-up").await;
+    }
+    eprintln!("{fault:?}: {in_window} publishes while B was not subscribed, all delivered");
+}
+
+#[tokio::test]
+async fn redis_subscriber_catches_up_after_its_connection_is_killed() {
+    subscriber_catches_up(SubscriberFault::Killed).await;
+}
+
+#[tokio::test]
+async fn redis_subscriber_catches_up_after_redis_restarts_empty() {
+    subscriber_catches_up(SubscriberFault::RedisRestart).await;
+}

@@ -254,8 +254,8 @@ db_variants!(
 const ORDERS: usize = 10;
 
 /// Every message on one room's Redis channel, as the broker carries it
-/// (`"<offset> <event JSON>"` for a historical event: the offset goes into
-/// the value as `_offset`).
+/// (`"<offset>:<epoch> <event JSON>"` for a historical event: the offset
+/// goes into the value as `_offset`).
 async fn watch_channel(redis: &RedisServer, room: &str) -> mpsc::UnboundedReceiver<Value> {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
@@ -267,7 +267,11 @@ async fn watch_channel(redis: &RedisServer, room: &str) -> mpsc::UnboundedReceiv
             let raw = msg.get_payload_bytes();
             let (offset, json) = match raw.iter().position(|b| *b == b' ') {
                 Some(sp) if raw[0].is_ascii_digit() => (
-                    std::str::from_utf8(&raw[..sp]).unwrap().parse::<u64>().ok(),
+                    std::str::from_utf8(&raw[..sp])
+                        .unwrap()
+                        .split(':')
+                        .next()
+                        .and_then(|o| o.parse::<u64>().ok()),
                     &raw[sp + 1..],
                 ),
                 _ => (None, raw),

@@ -294,6 +294,61 @@ async fn nodes_survive_redis_restarting_and_resubscribe_by_themselves() {
     assert_eq!(staff_b.recv().await["type"], "fin");
 }
 
+/// While Redis is down a socket is never left in a room silently: a connect
+/// whose rooms cannot be joined gets `broker_unavailable` and close 1013
+/// (reconnect later, with `since`), and a `join-room` that fails gets
+/// `broker_unavailable`, no `room-joined`, and leaves the socket out of the
+/// room until it asks again.
+#[tokio::test]
+async fn while_redis_is_down_joins_fail_plainly() {
+    init_tracing();
+    let mut redis = RedisServer::start();
+    let db = TestDb::sqlite();
+    let nodes = cluster(&redis, &db, &["a", "b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut staff = connect_ready(a.addr, "/", &admin()).await;
+    redis.kill();
+    a.wait_ready(false).await;
+
+    let mut late = Client::connect(a.addr, &format!("/ws?token={}", admin())).await;
+    let err = late.recv().await;
+    assert_eq!(err["type"], "ERROR", "{err}");
+    assert_eq!(err["payload"]["code"], "broker_unavailable", "{err}");
+    assert_eq!(
+        late.closed().await,
+        1013,
+        "a connect that is not in its rooms"
+    );
+
+    staff
+        .send_json(json!({"type": "join-room", "data": {"roomId": "city-2-orders"}}))
+        .await;
+    let err = staff.recv().await;
+    assert_eq!(err["type"], "error", "{err}");
+    assert_eq!(err["data"]["code"], "broker_unavailable", "{err}");
+    let msg = err["data"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("join-room again"), "{err}");
+
+    redis.restart();
+    a.wait_ready(true).await;
+    b.wait_ready(true).await;
+    // Not in the room: a publish to it does not reach the socket.
+    b.publish("city-2-orders", "not-joined", json!({})).await;
+    b.publish("admin-orders", "marker", json!({})).await;
+    let got = staff.recv().await;
+    assert_eq!(
+        got["type"], "marker",
+        "the failed join left no membership: {got}"
+    );
+    // Asked again, it is joined.
+    staff
+        .send_json(json!({"type": "join-room", "data": {"roomId": "city-2-orders"}}))
+        .await;
+    assert_eq!(staff.recv().await["type"], "room-joined");
+    b.publish("city-2-orders", "joined", json!({})).await;
+    assert_eq!(staff.recv().await["type"], "joined");
+}
+
 #[tokio::test]
 async fn drain_closes_sockets_1012_after_flushing_and_leaves_other_nodes_alone() {
     init_tracing();

@@ -298,6 +298,9 @@ struct Client {
     report: ClientReport,
     /// When the last connection ended.
     last_end: Option<Instant>,
+    /// The reply is a `join-room` asked again after `broker_unavailable`:
+    /// sent after a short pause.
+    retry_join: bool,
 }
 
 impl Client {
@@ -319,6 +322,7 @@ impl Client {
             ready: false,
             report: ClientReport::default(),
             last_end: None,
+            retry_join: false,
         }
     }
 
@@ -404,19 +408,7 @@ impl Client {
                     self.position(i, &body["rooms"][&name], &body["recovery"][&name]);
                 }
                 self.connected = true;
-                let Some(join) = &self.spec.join else {
-                    return None;
-                };
-                // The joined room: with its position when known.
-                let i = self.room_index(join).expect("the joined room is a room");
-                let st = &mut self.rooms[i];
-                let mut data = json!({"roomId": join});
-                st.asked = false;
-                if let Some(epoch) = &st.epoch {
-                    data["since"] = json!({"epoch": epoch, "offset": st.offset});
-                    st.asked = true;
-                }
-                Some(json!({"type": "join-room", "data": data}).to_string())
+                self.join_message()
             }
             "room-joined" => {
                 let body = d.body(&v);
@@ -435,7 +427,14 @@ impl Client {
             }
             "error" | "ERROR" => {
                 let code = d.body(&v)["code"].as_str().unwrap_or("?").to_string();
+                let retry = code == "broker_unavailable" && self.connected && !self.ready;
                 *self.report.errors.entry(code).or_default() += 1;
+                // A `join-room` the server could not do (Redis down): it
+                // left the socket out of the room; ask again.
+                if retry {
+                    self.retry_join = true;
+                    return self.join_message();
+                }
                 None
             }
             other => {
@@ -447,6 +446,20 @@ impl Client {
                 None
             }
         }
+    }
+
+    /// The `join-room` of the joined room, with its position when known.
+    fn join_message(&mut self) -> Option<String> {
+        let join = self.spec.join.clone()?;
+        let i = self.room_index(&join).expect("the joined room is a room");
+        let st = &mut self.rooms[i];
+        let mut data = json!({"roomId": join});
+        st.asked = false;
+        if let Some(epoch) = &st.epoch {
+            data["since"] = json!({"epoch": epoch, "offset": st.offset});
+            st.asked = true;
+        }
+        Some(json!({"type": "join-room", "data": data}).to_string())
     }
 
     fn event(&mut self, v: &Value) {
@@ -554,6 +567,9 @@ pub(crate) async fn client(
                     shared.frames.fetch_add(1, Ordering::Relaxed);
                     let was = c.is_ready();
                     if let Some(reply) = c.handle(&b) {
+                        if std::mem::take(&mut c.retry_join) {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
                         let _ = sock.send_text(&reply).await;
                     }
                     if !was && c.is_ready() {

@@ -18,8 +18,8 @@
 //! `{prefix}hist:{room}` (entry id `<offset>-0`, field `d` = the event JSON),
 //! its epoch and last offset in the hash `{prefix}hist:{room}:meta` (`e`,
 //! `o`). One Lua script per room appends to the stream and PUBLISHes
-//! `"<offset> <json>"` atomically, so the offset a socket gets live is the
-//! one a replay reads. Both keys expire `HISTORY_TTL_SECS` after the last
+//! `"<offset>:<epoch> <json>"` atomically, so the offset a socket gets live
+//! is the one a replay reads. Both keys expire `HISTORY_TTL_SECS` after the last
 //! publish; a room whose meta is gone gets a new epoch (its old stream is
 //! dropped). An event with an id is appended once per room: the key
 //! `{prefix}hist:{room}:id:{id}` (same TTL) remembers it.
@@ -33,7 +33,10 @@
 //!   does not reconnect by itself and its message stream is unbounded
 //!   (CRATES.md), so a reader task drains the stream straight into the hub
 //!   (which never blocks) and reports the end of the stream; the subscriber
-//!   then reconnects with backoff and re-subscribes every wanted room.
+//!   then reconnects with backoff and re-subscribes every wanted room, and
+//!   the new reader first hands the hub what the rooms' history got while
+//!   nobody listened ([`Tracker`]), so the hub misses nothing across a lost
+//!   connection or a Redis restart.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -62,15 +65,17 @@ const APPEND_LUA: &str = r#"
 if ARGV[6] == '1' then
   if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return -1 end
 end
-if not redis.call('HGET', KEYS[1], 'e') then
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  e = ARGV[5]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', ARGV[5], 'o', 0)
+  redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
 end
 local off = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], off .. '-0', 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], off .. ' ' .. ARGV[2])
+redis.call('PUBLISH', ARGV[1], off .. ':' .. e .. ' ' .. ARGV[2])
 return off
 "#;
 
@@ -172,8 +177,7 @@ pub struct RedisBroker {
     pub_tx: mpsc::Sender<PubItem>,
     sub_tx: mpsc::UnboundedSender<SubCmd>,
     healthy: Arc<AtomicBool>,
-    hot: HotConn,
-    read: redis::Script,
+    reader: Arc<History>,
 }
 
 /// What the publisher needs to build a history append.
@@ -258,10 +262,20 @@ impl RedisBroker {
             append_src,
         };
         tokio::spawn(run_publisher(redis.clone(), pub_rx, keys));
+        let reader = Arc::new(History {
+            hot: HotConn::new(redis.clone()),
+            names: names.clone(),
+            script: redis::Script::new(READ_LUA),
+            ttl: history.ttl.as_secs().max(1),
+        });
         let sub = Subscriber {
             redis: redis.clone(),
             names: names.clone(),
-            last: Default::default(),
+            tracker: Arc::new(Tracker {
+                history: reader.clone(),
+                enabled: history.enabled(),
+                rooms: Default::default(),
+            }),
             sink,
             healthy: healthy.clone(),
             cmd_tx: sub_tx.clone(),
@@ -278,11 +292,21 @@ impl RedisBroker {
             pub_tx,
             sub_tx,
             healthy,
-            hot: HotConn::new(redis),
-            read: redis::Script::new(READ_LUA),
+            reader,
         }
     }
+}
 
+/// Reads rooms' history: for resumes, and for the subscriber's own
+/// catch-up ([`Tracker`]).
+struct History {
+    hot: HotConn,
+    names: RoomKeys,
+    script: redis::Script,
+    ttl: u64,
+}
+
+impl History {
     /// Runs [`READ_LUA`]: the room's position, and with `since` the
     /// entries after it when the epoch matches.
     async fn read(
@@ -291,13 +315,13 @@ impl RedisBroker {
         since: Option<&StreamPos>,
     ) -> Result<(StreamPos, Vec<(u64, Event)>), BrokerError> {
         let mut c = self.hot.get().await?;
-        let mut inv = self.read.prepare_invoke();
+        let mut inv = self.script.prepare_invoke();
         inv.key(self.names.meta(room))
             .key(self.names.stream(room))
             .arg(since.map(|s| s.offset.to_string()).unwrap_or_default())
             .arg(since.map(|s| s.epoch.as_str()).unwrap_or(""))
             .arg(new_epoch())
-            .arg(self.history.ttl.as_secs().max(1));
+            .arg(self.ttl);
         type Entry = (String, Vec<(String, Vec<u8>)>);
         let reply: Vec<redis::Value> = match timed("history_read", inv.invoke_async(&mut c)).await {
             Ok(v) => v,
@@ -393,14 +417,14 @@ impl Broker for RedisBroker {
         if !self.history.enabled() {
             return Ok(None);
         }
-        Ok(Some(self.read(room, None).await?.0))
+        Ok(Some(self.reader.read(room, None).await?.0))
     }
 
     async fn replay(&self, room: &str, since: &StreamPos) -> Result<Option<Replay>, BrokerError> {
         if !self.history.enabled() {
             return Ok(None);
         }
-        let (now, events) = self.read(room, Some(since)).await?;
+        let (now, events) = self.reader.read(room, Some(since)).await?;
         Ok(Some(super::judge(since, now, events)))
     }
 }
@@ -500,32 +524,48 @@ fn publish_cluster(
     }
 }
 
-/// A live message is the event JSON, preceded by `"<offset> "` when the
-/// event is in the room's history.
-fn split_offset(payload: &[u8]) -> (Option<u64>, &[u8]) {
+/// A live message is the event JSON, preceded by `"<offset>:<epoch> "`
+/// when the event is in the room's history.
+fn split_position(payload: &[u8]) -> (Option<(u64, u64)>, &[u8]) {
     if payload.first().is_some_and(u8::is_ascii_digit)
         && let Some(sp) = payload.iter().position(|b| *b == b' ')
-        && let Some(off) = std::str::from_utf8(&payload[..sp])
-            .ok()
-            .and_then(|s| s.parse().ok())
+        && let Ok(head) = std::str::from_utf8(&payload[..sp])
+        && let Some((off, epoch)) = head.split_once(':')
+        && let (Ok(off), Ok(epoch)) = (off.parse(), u64::from_str_radix(epoch, 16))
     {
-        return (Some(off), &payload[sp + 1..]);
+        return (Some((off, epoch)), &payload[sp + 1..]);
     }
     (None, payload)
 }
 
-/// One pub/sub message into the batch for the hub.
-fn decode(names: &RoomKeys, msg: redis::Msg, batch: &mut Vec<Delivery>) {
+/// An epoch as the tracker compares it (every epoch is [`new_epoch`]'s 16
+/// hex digits; anything else compares as 0).
+fn epoch_of(s: &str) -> u64 {
+    u64::from_str_radix(s, 16).unwrap_or(0)
+}
+
+/// A live message for the [`Tracker`]: the delivery, and the epoch its
+/// offset belongs to.
+struct Live {
+    delivery: Delivery,
+    epoch: Option<u64>,
+}
+
+/// One pub/sub message into the batch for the tracker.
+fn decode(names: &RoomKeys, msg: redis::Msg, batch: &mut Vec<Live>) {
     metrics::counter!(m::BROKER_RECEIVED).increment(1);
     let Some(room) = names.room_of(msg.get_channel_name()) else {
         return;
     };
-    let (offset, json) = split_offset(msg.get_payload_bytes());
+    let (pos, json) = split_position(msg.get_payload_bytes());
     match serde_json::from_slice::<Event>(json) {
-        Ok(event) => batch.push(Delivery {
-            room: room.to_string(),
-            offset,
-            event,
+        Ok(event) => batch.push(Live {
+            delivery: Delivery {
+                room: room.to_string(),
+                offset: pos.map(|p| p.0),
+                event,
+            },
+            epoch: pos.map(|p| p.1),
         }),
         Err(e) => tracing::warn!(error = %e, "undecodable broker message on {room}"),
     }
@@ -534,9 +574,8 @@ fn decode(names: &RoomKeys, msg: redis::Msg, batch: &mut Vec<Delivery>) {
 struct Subscriber {
     redis: Redis,
     names: RoomKeys,
-    /// Cluster mode: the last history offset delivered per subscribed room
-    /// ([`GapFill`]).
-    last: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    /// Where each subscribed room's messages stand on this node.
+    tracker: Arc<Tracker>,
     sink: Arc<dyn Sink>,
     healthy: Arc<AtomicBool>,
     cmd_tx: mpsc::UnboundedSender<SubCmd>,
@@ -604,18 +643,31 @@ impl Subscriber {
         // out are taken together (up to `READ_BATCH`): the hub then sends a
         // socket all of them in one write. No timer: under light load a
         // batch is one message and nothing waits.
+        //
+        // Before the first live message the reader catches up: what the
+        // rooms' history got while this node was not subscribed (a lost
+        // connection, a Redis restart) goes to the hub first, in order
+        // ([`Tracker::catch_up`]); live messages it already handed over are
+        // then dropped.
         let sink = self.sink.clone();
         let names = self.names.clone();
         let lost = self.cmd_tx.clone();
+        let tracker = self.tracker.clone();
+        let resumed: Vec<String> = subscribed.iter().cloned().collect();
         let reader = tokio::spawn(async move {
-            let decode = |msg: redis::Msg, batch: &mut Vec<Delivery>| decode(&names, msg, batch);
+            let mut out = Vec::new();
+            tracker.catch_up(&*sink, &resumed, &mut out).await;
+            if !out.is_empty() {
+                sink.deliver_batch(&out);
+                out.clear();
+            }
             let mut batch = Vec::new();
             let mut ended = false;
             while let Some(msg) = stream.next().await {
-                decode(msg, &mut batch);
+                decode(&names, msg, &mut batch);
                 while batch.len() < READ_BATCH {
                     match stream.next().now_or_never() {
-                        Some(Some(msg)) => decode(msg, &mut batch),
+                        Some(Some(msg)) => decode(&names, msg, &mut batch),
                         Some(None) => {
                             ended = true;
                             break;
@@ -623,8 +675,9 @@ impl Subscriber {
                         None => break,
                     }
                 }
-                sink.deliver_batch(&batch);
-                batch.clear();
+                tracker.admit(&*sink, &mut batch, &mut out).await;
+                sink.deliver_batch(&out);
+                out.clear();
                 if ended {
                     break;
                 }
@@ -702,6 +755,8 @@ impl Subscriber {
             }
             match result {
                 Ok(()) => {
+                    self.tracker.forget(&to_unsub);
+                    self.tracker.start_from_now(to_sub.clone());
                     subscribed.extend(to_sub);
                     for r in &to_unsub {
                         subscribed.remove(r);
@@ -743,14 +798,11 @@ impl Subscriber {
         let names = self.names.clone();
         let lost = self.cmd_tx.clone();
         let healthy = self.healthy.clone();
-        let gaps = GapFill {
-            hot: HotConn::new(self.redis.clone()),
-            names: self.names.clone(),
-            last: self.last.clone(),
-        };
+        let tracker = self.tracker.clone();
         let reader = tokio::spawn(async move {
             let mut batch = Vec::new();
-            let take = |p: redis::PushInfo, batch: &mut Vec<Delivery>| match p.kind {
+            let mut out = Vec::new();
+            let take = |p: redis::PushInfo, batch: &mut Vec<Live>| match p.kind {
                 redis::PushKind::SMessage | redis::PushKind::Message => {
                     if let Some(msg) = redis::Msg::from_push_info(p) {
                         decode(&names, msg, batch);
@@ -771,9 +823,9 @@ impl Subscriber {
                     }
                 }
                 if !batch.is_empty() {
-                    gaps.fill(&*sink, &mut batch).await;
-                    sink.deliver_batch(&batch);
-                    batch.clear();
+                    tracker.admit(&*sink, &mut batch, &mut out).await;
+                    sink.deliver_batch(&out);
+                    out.clear();
                 }
             }
         });
@@ -992,11 +1044,11 @@ impl Subscriber {
         .await;
         match r {
             Ok(()) => {
+                self.tracker.forget(&to_unsub);
+                self.tracker.start_from_now(to_sub.clone());
                 subscribed.extend(to_sub);
-                let mut last = lock(&self.last);
                 for room in &to_unsub {
                     subscribed.remove(room);
-                    last.remove(room);
                 }
                 Ok(())
             }
@@ -1008,78 +1060,275 @@ impl Subscriber {
     }
 }
 
-/// Cluster mode: a room's live messages skipped offsets (its shard's
-/// subscription was gone for a moment: a failover, a reconnect, a slot
-/// move), so the missing events are read from the room's history and handed
-/// to the hub first, in order. Sockets that stayed connected then miss
-/// nothing the history still holds; a socket that reconnects resumes with
-/// `since` as usual.
-struct GapFill {
-    hot: HotConn,
-    names: RoomKeys,
-    last: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+/// Where one subscribed room stands on this node: the epoch and offset of
+/// the last historical message handed to the hub, or (`delivered` false)
+/// the room's position read right after the node subscribed.
+struct Track {
+    epoch: u64,
+    last: u64,
+    delivered: bool,
+}
+
+/// Nothing acknowledged is lost between Redis and the hub (SPEC §10):
+///
+/// - **Catch-up** (single Redis, after every reconnect): each room the node
+///   subscribed again is read from its history after the last offset
+///   handed over, or, when the epoch changed (Redis restarted empty, the
+///   history expired), from the start of the new epoch: all of it was
+///   published while the node was not listening. Read after the SUBSCRIBE,
+///   so anything later comes live; live messages at or below what the
+///   catch-up handed over are dropped as duplicates.
+/// - **Gap fill** (both modes): a live message whose offset skips ahead of
+///   the last one (a sharded subscription gone for a moment: a failover, a
+///   slot move), or that opens a new epoch above offset 1, makes the tracker
+///   read the missing entries and hand them over first, in order.
+/// - **Start from now**: a room subscribed afresh gets its position read
+///   right after the SUBSCRIBE, so a room that is quiet until the
+///   connection drops still knows where to catch up from.
+///
+/// Sockets that stay connected then miss nothing the history still holds;
+/// a socket that reconnects resumes with `since` as usual.
+struct Tracker {
+    history: Arc<History>,
+    /// History on (`HISTORY_SIZE` > 0): offsets exist.
+    enabled: bool,
+    rooms: std::sync::Mutex<HashMap<String, Track>>,
 }
 
 /// At most this many events are read back for one gap.
 const GAP_MAX: usize = 1000;
 
-impl GapFill {
-    async fn fill(&self, sink: &dyn Sink, batch: &mut Vec<Delivery>) {
-        if !batch.iter().any(|d| d.offset.is_some()) {
+/// Rooms read at once by a catch-up (one round trip each, pipelined on the
+/// multiplexed connection).
+const CATCH_UP_WIDTH: usize = 256;
+
+impl Tracker {
+    /// Live messages in arrival order into `out`: duplicates of what a
+    /// catch-up handed over are dropped, gaps are filled from history.
+    async fn admit(&self, sink: &dyn Sink, batch: &mut Vec<Live>, out: &mut Vec<Delivery>) {
+        // (where in `out`, room, first and last missing offset)
+        let mut gaps: Vec<(usize, String, u64, u64)> = Vec::new();
+        {
+            let mut rooms = lock(&self.rooms);
+            for live in batch.drain(..) {
+                let d = live.delivery;
+                let (Some(o), Some(e)) = (d.offset, live.epoch) else {
+                    out.push(d);
+                    continue;
+                };
+                if !sink.wants(&d.room) {
+                    rooms.remove(&d.room);
+                    out.push(d);
+                    continue;
+                }
+                match rooms.get_mut(&d.room) {
+                    None => {
+                        rooms.insert(
+                            d.room.clone(),
+                            Track {
+                                epoch: e,
+                                last: o,
+                                delivered: true,
+                            },
+                        );
+                    }
+                    Some(t) if !t.delivered => {
+                        *t = Track {
+                            epoch: e,
+                            last: o,
+                            delivered: true,
+                        };
+                    }
+                    Some(t) if t.epoch == e => {
+                        if o <= t.last {
+                            metrics::counter!(m::BROKER_DUPLICATES).increment(1);
+                            continue;
+                        }
+                        if o > t.last + 1 {
+                            gaps.push((out.len(), d.room.clone(), t.last + 1, o - 1));
+                        }
+                        t.last = o;
+                    }
+                    Some(t) => {
+                        // A new epoch: its entries before this one were
+                        // published while this node did not hear them.
+                        if o > 1 {
+                            gaps.push((out.len(), d.room.clone(), 1, o - 1));
+                        }
+                        *t = Track {
+                            epoch: e,
+                            last: o,
+                            delivered: true,
+                        };
+                    }
+                }
+                out.push(d);
+            }
+        }
+        // Last gap first: the earlier indices stay valid.
+        for (at, room, from, to) in gaps.into_iter().rev() {
+            match self.history.range(&room, from, to).await {
+                Ok(events) => {
+                    tracing::info!(
+                        %room,
+                        from,
+                        to,
+                        found = events.len(),
+                        "filled a subscription gap from history"
+                    );
+                    metrics::counter!(m::BROKER_FILLED).increment(events.len() as u64);
+                    out.splice(
+                        at..at,
+                        events.into_iter().map(|(off, event)| Delivery {
+                            room: room.clone(),
+                            offset: Some(off),
+                            event,
+                        }),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %room, "subscription gap not filled")
+                }
+            }
+        }
+    }
+
+    /// Reads what each of `rooms` got while this node was not subscribed
+    /// (see the type's doc) into `out`. A room never tracked starts from
+    /// now. A read that fails leaves the room as it was: its next live
+    /// message shows the gap.
+    async fn catch_up(&self, sink: &dyn Sink, rooms: &[String], out: &mut Vec<Delivery>) {
+        if !self.enabled {
             return;
         }
-        let mut out = Vec::with_capacity(batch.len());
-        for d in batch.drain(..) {
-            if let Some(o) = d.offset {
-                let prev = {
-                    let mut last = lock(&self.last);
-                    if sink.wants(&d.room) {
-                        last.insert(d.room.clone(), o)
-                    } else {
-                        last.remove(&d.room);
-                        None
+        let known: Vec<(String, Option<StreamPos>)> = {
+            let t = lock(&self.rooms);
+            rooms
+                .iter()
+                .filter(|r| sink.wants(r))
+                .map(|r| {
+                    let since = t.get(r).map(|k| StreamPos {
+                        epoch: format!("{:016x}", k.epoch),
+                        offset: k.last,
+                    });
+                    (r.clone(), since)
+                })
+                .collect()
+        };
+        let mut filled = 0usize;
+        for chunk in known.chunks(CATCH_UP_WIDTH) {
+            let reads = chunk
+                .iter()
+                .map(|(room, since)| self.since(room, since.as_ref()));
+            let results = futures_util::future::join_all(reads).await;
+            let mut t = lock(&self.rooms);
+            for ((room, since), r) in chunk.iter().zip(results) {
+                match r {
+                    Ok((pos, events)) => {
+                        let last = events.last().map_or(pos.offset, |(o, _)| *o);
+                        filled += events.len();
+                        out.extend(events.into_iter().map(|(offset, event)| Delivery {
+                            room: room.clone(),
+                            offset: Some(offset),
+                            event,
+                        }));
+                        t.insert(
+                            room.clone(),
+                            Track {
+                                epoch: epoch_of(&pos.epoch),
+                                last,
+                                delivered: since.is_some(),
+                            },
+                        );
                     }
-                };
-                // A lower offset means a new epoch: nothing to fill.
-                if let Some(p) = prev
-                    && o > p + 1
-                {
-                    match self.missing(&d.room, p, o).await {
-                        Ok(events) => {
-                            tracing::info!(
-                                room = %d.room,
-                                from = p + 1,
-                                to = o - 1,
-                                found = events.len(),
-                                "filled a subscription gap from history"
-                            );
-                            out.extend(events.into_iter().map(|(off, event)| Delivery {
-                                room: d.room.clone(),
-                                offset: Some(off),
-                                event,
-                            }));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, room = %d.room, "subscription gap not filled")
-                        }
+                    Err(e) => {
+                        tracing::warn!(error = %e, %room, "subscription catch-up failed")
                     }
                 }
             }
-            out.push(d);
         }
-        *batch = out;
+        if filled > 0 {
+            metrics::counter!(m::BROKER_FILLED).increment(filled as u64);
+            tracing::info!(
+                rooms = known.len(),
+                events = filled,
+                "caught up from history after re-subscribing"
+            );
+        }
     }
 
-    /// The room's history entries after `p` and before `o`.
-    async fn missing(&self, room: &str, p: u64, o: u64) -> Result<Vec<(u64, Event)>, RedisError> {
+    /// The room's position and its entries after `since`; after an epoch
+    /// change, every entry of the new epoch.
+    async fn since(
+        &self,
+        room: &str,
+        since: Option<&StreamPos>,
+    ) -> Result<(StreamPos, Vec<(u64, Event)>), BrokerError> {
+        let Some(since) = since else {
+            return Ok((self.history.read(room, None).await?.0, Vec::new()));
+        };
+        let (now, events) = self.history.read(room, Some(since)).await?;
+        if now.epoch == since.epoch {
+            return Ok((now, events));
+        }
+        let start = StreamPos {
+            epoch: now.epoch,
+            offset: 0,
+        };
+        self.history.read(room, Some(&start)).await
+    }
+
+    /// Rooms just subscribed: their positions now, in the background (a
+    /// live message that comes first wins).
+    fn start_from_now(self: &Arc<Self>, rooms: Vec<String>) {
+        if !self.enabled || rooms.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            for chunk in rooms.chunks(CATCH_UP_WIDTH) {
+                let reads = chunk.iter().map(|r| me.history.read(r, None));
+                let results = futures_util::future::join_all(reads).await;
+                let mut t = lock(&me.rooms);
+                for (room, r) in chunk.iter().zip(results) {
+                    match r {
+                        Ok((pos, _)) => {
+                            t.entry(room.clone()).or_insert(Track {
+                                epoch: epoch_of(&pos.epoch),
+                                last: pos.offset,
+                                delivered: false,
+                            });
+                        }
+                        Err(e) => tracing::debug!(error = %e, %room, "no position to track"),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Rooms this node left.
+    fn forget(&self, rooms: &[String]) {
+        if rooms.is_empty() {
+            return;
+        }
+        let mut t = lock(&self.rooms);
+        for r in rooms {
+            t.remove(r);
+        }
+    }
+}
+
+impl History {
+    /// The room's history entries from `from` to `to` (offsets, inclusive).
+    async fn range(&self, room: &str, from: u64, to: u64) -> Result<Vec<(u64, Event)>, RedisError> {
         let mut c = self.hot.get().await?;
         type Entry = (String, Vec<(String, Vec<u8>)>);
         let entries: Vec<Entry> = match timed(
             "history_read",
             redis::cmd("XRANGE")
                 .arg(self.names.stream(room))
-                .arg(format!("{}-0", p + 1))
-                .arg(format!("{}-0", o - 1))
+                .arg(format!("{from}-0"))
+                .arg(format!("{to}-0"))
                 .arg("COUNT")
                 .arg(GAP_MAX)
                 .query_async(&mut c),

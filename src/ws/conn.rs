@@ -134,8 +134,17 @@ pub async fn serve(
     };
     // Boxed, like every rarely taken branch below: the task's own future
     // stays small, and it is what an idle socket costs.
-    Box::pin(session.start(since)).await;
-    let keep_queue = session.run(early).await;
+    let keep_queue = if Box::pin(session.start(since)).await {
+        session.run(early).await
+    } else {
+        // Not in every room, or without a position to resume from: the
+        // client is told why, then reconnects (SPEC §10: nothing lost
+        // silently).
+        outbox
+            .closer
+            .close(close_code::TRY_AGAIN_LATER, "broker unavailable");
+        true
+    };
 
     // Teardown: no more deliveries, leave every room, then say goodbye.
     outbox.closer.close(close_code::NORMAL, "");
@@ -340,7 +349,12 @@ impl Session {
     /// client missed), then sends the dialect's connect messages and the
     /// replay. Live events wait meanwhile (`Outbox::hold`), so they follow
     /// the replay with no gap and no duplicate.
-    async fn start(&mut self, since: Since) {
+    ///
+    /// Returns false when a room could not be joined or positioned (the
+    /// broker is unavailable): the error messages are sent, and the caller
+    /// closes 1013 so that the client resumes once the broker is back
+    /// instead of sitting in rooms it may miss events of.
+    async fn start(&mut self, since: Since) -> bool {
         let history = self.app.config.history.enabled();
         if history {
             self.outbox.hold();
@@ -350,9 +364,10 @@ impl Session {
         let rooms = self.identity.auto_rooms();
         let joins = rooms.iter().map(|room| self.app.join(&self.outbox, room));
         let results = futures_util::future::join_all(joins).await;
+        let mut complete = true;
         for (room, result) in rooms.into_iter().zip(results) {
             if let Err(e) = result {
-                // The membership stays: re-subscribed when Redis is back.
+                complete = false;
                 self.error(
                     "broker_unavailable",
                     &broker_message(&room, "is not live yet", &e),
@@ -366,11 +381,14 @@ impl Session {
             Since::Bad(why) => (Vec::new(), Some(why)),
         };
         let mut resumed = Resumed::default();
-        if history {
+        if history && complete {
             for room in self.rooms.clone() {
                 let since = asked.iter().find(|(r, _)| *r == room).map(|(_, p)| p);
-                self.resume(&room, since, &mut resumed).await;
+                complete &= self.resume(&room, since, &mut resumed).await;
             }
+        }
+        if !complete {
+            return false;
         }
         self.reply(&Reply::Connected {
             user_id: self.identity.user_id,
@@ -393,22 +411,24 @@ impl Session {
         if history {
             self.outbox.release(resumed.floors);
         }
+        true
     }
 
     /// Where `room` stands for this socket: its position, or with `since`
-    /// the events after it (all or nothing).
-    async fn resume(&self, room: &str, since: Option<&StreamPos>, into: &mut Resumed) {
+    /// the events after it (all or nothing). False when the broker could
+    /// not tell (an error message was sent).
+    async fn resume(&self, room: &str, since: Option<&StreamPos>, into: &mut Resumed) -> bool {
         let broker = &self.app.ctx.broker;
         let (pos, recovery, events) = match since {
             None => match broker.position(room).await {
                 Ok(Some(pos)) => (pos, None, Vec::new()),
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     self.error(
                         "broker_unavailable",
                         &broker_message(room, "has no position now", &e),
                     );
-                    return;
+                    return false;
                 }
             },
             Some(since) => match broker.replay(room, since).await {
@@ -419,17 +439,13 @@ impl Session {
                 Ok(Some(Replay::NotRecovered { reason, pos })) => {
                     (pos, Some(Recovery::NotRecovered { reason }), Vec::new())
                 }
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     self.error(
                         "broker_unavailable",
                         &broker_message(room, "cannot be recovered now", &e),
                     );
-                    let rec = Recovery::NotRecovered {
-                        reason: "unavailable",
-                    };
-                    into.recovery.push((room.to_string(), rec));
-                    return;
+                    return false;
                 }
             },
         };
@@ -445,6 +461,7 @@ impl Session {
         into.positions.push((room.to_string(), pos));
         into.replay
             .extend(events.into_iter().map(|(o, e)| (room.to_string(), o, e)));
+        true
     }
 
     /// Sends replayed events, each once across the socket's rooms: an event
@@ -488,13 +505,11 @@ impl Session {
             }
             self.rooms.push(room.clone());
             if let Err(e) = self.app.join(&self.outbox, &room).await {
-                // The membership stays: the room is re-subscribed when the
-                // broker comes back.
                 self.error(
                     "broker_unavailable",
-                    &broker_message(&room, "is not live yet", &e),
+                    &broker_message(&room, "was not joined (send join-room again)", &e),
                 );
-                self.outbox.release(Vec::new());
+                self.undo_join(&room);
                 return;
             }
         }
@@ -502,7 +517,12 @@ impl Session {
         if history {
             // A room the socket is already in goes on live: nothing to replay.
             let since = since.as_ref().filter(|_| !member);
-            self.resume(&room, since, &mut resumed).await;
+            if !self.resume(&room, since, &mut resumed).await && !member {
+                // Without a position the client could not resume the room
+                // later: not joined, so it asks again.
+                self.undo_join(&room);
+                return;
+            }
         }
         if bad_since {
             metrics::counter!(m::RECOVERIES, "outcome" => "bad_since").increment(1);
@@ -520,6 +540,14 @@ impl Session {
         if history && !member {
             self.outbox.release(resumed.floors);
         }
+    }
+
+    /// A `join-room` that failed: the socket leaves the room again, so
+    /// the client's view (not joined, no `room-joined`) is the server's.
+    fn undo_join(&mut self, room: &str) {
+        self.rooms.retain(|r| r != room);
+        self.app.leave(self.outbox.id, room);
+        self.outbox.release(Vec::new());
     }
 
     /// The socket's loop, until it closes. Returns whether the backlog

@@ -99,6 +99,9 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// Drain: the node is restarting, reconnect elsewhere.
     pub const SERVICE_RESTART: u16 = 1012;
+    /// The broker could not put the socket in its rooms (or tell their
+    /// positions) at connect: reconnect, with `since`, a little later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// No pong arrived between two server pings.
     pub const PING_TIMEOUT: u16 = 4000;
     pub const UNAUTHORIZED: u16 = 4001;
