@@ -25,6 +25,16 @@ enum Backend {
 }
 
 impl Backend {
+    /// The Redis processes that carry the rooms (the masters).
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Backend::Single(r) => r.pid().into_iter().collect(),
+            Backend::Cluster(c, masters) => {
+                c.pids()[..*masters].iter().flatten().copied().collect()
+            }
+        }
+    }
+
     fn url(&self) -> String {
         match self {
             Backend::Single(r) => r.url(),
@@ -44,6 +54,54 @@ impl Backend {
                 Ok(out)
             }
         }
+    }
+}
+
+/// A process in a cgroup v1 CPU controller group of its own with a quota
+/// (`--redis-cpu-cap`); moved back to the root group and the group removed
+/// on drop.
+struct CpuCap {
+    dir: PathBuf,
+    pid: u32,
+}
+
+const CPU_CGROUP: &str = "/sys/fs/cgroup/cpu";
+/// A short CFS period: the capped process runs in small slices, not in
+/// 100 ms bursts followed by long throttled gaps.
+const CAP_PERIOD_US: u64 = 10_000;
+
+impl CpuCap {
+    fn new(pid: u32, cores: f64) -> anyhow::Result<CpuCap> {
+        use anyhow::Context;
+        let dir = PathBuf::from(format!("{CPU_CGROUP}/switchboard-bench-{pid}"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating {} (root and cgroup v1 needed)", dir.display()))?;
+        let quota = ((cores * CAP_PERIOD_US as f64) as u64).max(1000);
+        std::fs::write(dir.join("cpu.cfs_period_us"), CAP_PERIOD_US.to_string())?;
+        std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        Ok(CpuCap { dir, pid })
+    }
+
+    /// (times throttled, seconds throttled) so far.
+    fn throttled(&self) -> (u64, f64) {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        let field = |k: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (
+            field("nr_throttled "),
+            field("throttled_time ") as f64 / 1e9,
+        )
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("{CPU_CGROUP}/cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -95,6 +153,12 @@ pub struct Args {
     /// Run the nodes on a Redis Cluster of this many masters (0 = one Redis).
     #[arg(long, default_value_t = 0)]
     redis_cluster: usize,
+    /// Caps each Redis process (each master) at this many cores with a
+    /// cgroup v1 CPU quota (needs root and `/sys/fs/cgroup/cpu`): emulates
+    /// a deployment where Redis, not the nodes, is the bottleneck, on a
+    /// machine whose cores the nodes and the loadgen share with Redis.
+    #[arg(long)]
+    redis_cpu_cap: Option<f64>,
     /// Node binary (default: `switchboard` beside this one); e.g. `baseline`.
     #[arg(long)]
     server: Option<PathBuf>,
@@ -107,6 +171,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Backend::Cluster(RedisCluster::start(a.redis_cluster), a.redis_cluster)
     } else {
         Backend::Single(RedisServer::start())
+    };
+    let caps = match a.redis_cpu_cap {
+        Some(cores) => redis
+            .pids()
+            .into_iter()
+            .map(|pid| CpuCap::new(pid, cores))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => Vec::new(),
     };
     let rooms = a.rooms.max(1);
     let (db_url, _dir) = database(a.database_url)?;
@@ -355,6 +427,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         rooms,
         accepted_n as f64 / publish_secs
     );
+    // Throttled: the capped Redis wanted more CPU than its quota (it is
+    // CPU-bound at the cap).
+    let throttled: Vec<(u64, f64)> = caps.iter().map(CpuCap::throttled).collect();
+    if let Some(cores) = a.redis_cpu_cap {
+        println!(
+            "  redis capped at {cores} core each: (times throttled, seconds throttled) per master {throttled:?}"
+        );
+    }
     println!(
         "{}",
         json!({"scenario": "fanout", "server": bin.file_name().and_then(|n| n.to_str()), "nodes": a.nodes,
@@ -366,7 +446,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                "redis_net_us_per_publish": redis_net_us, "redis_idle_cpu_ms_per_s": idle_cpu / idle_secs * 1e3,
                "redis_cmd_us_per_publish": redis_cmd_per_publish, "redis_commands": redis_cmds,
                "rooms": rooms, "redis_masters": a.redis_cluster.max(1), "redis_cluster": a.redis_cluster > 0,
-               "publishes_per_s": accepted_n as f64 / publish_secs, "redis_master_cores": master_cores})
+               "publishes_per_s": accepted_n as f64 / publish_secs, "redis_master_cores": master_cores,
+               "redis_cpu_cap": a.redis_cpu_cap, "redis_throttled": throttled})
     );
     Ok(())
 }

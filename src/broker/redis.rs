@@ -784,6 +784,15 @@ impl Subscriber {
     /// succeeds, so readiness returns only once every room is live again.
     async fn run_cluster(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
         let (push_tx, mut push_rx) = mpsc::unbounded_channel::<redis::PushInfo>();
+        // After each resync the reader catches up (in its own order with
+        // the live messages): see [`Tracker::catch_up`].
+        let marker = push_tx.clone();
+        let catch_up = move || {
+            let _ = marker.send(redis::PushInfo {
+                kind: redis::PushKind::Other(CATCH_UP.into()),
+                data: Vec::new(),
+            });
+        };
         let client = match self.redis.cluster_subscriber(push_tx) {
             Some(Ok(c)) => c,
             Some(Err(e)) => {
@@ -802,23 +811,27 @@ impl Subscriber {
         let reader = tokio::spawn(async move {
             let mut batch = Vec::new();
             let mut out = Vec::new();
+            // True for the catch-up marker.
             let take = |p: redis::PushInfo, batch: &mut Vec<Live>| match p.kind {
                 redis::PushKind::SMessage | redis::PushKind::Message => {
                     if let Some(msg) = redis::Msg::from_push_info(p) {
                         decode(&names, msg, batch);
                     }
+                    false
                 }
                 redis::PushKind::Disconnection => {
                     healthy.store(false, Ordering::Relaxed);
                     let _ = lost.send(SubCmd::Lost(0));
+                    false
                 }
-                _ => {}
+                redis::PushKind::Other(k) => k == CATCH_UP,
+                _ => false,
             };
             while let Some(p) = push_rx.recv().await {
-                take(p, &mut batch);
-                while batch.len() < READ_BATCH {
+                let mut catch_up = take(p, &mut batch);
+                while !catch_up && batch.len() < READ_BATCH {
                     match push_rx.try_recv() {
-                        Ok(p) => take(p, &mut batch),
+                        Ok(p) => catch_up = take(p, &mut batch),
                         Err(_) => break,
                     }
                 }
@@ -826,6 +839,13 @@ impl Subscriber {
                     tracker.admit(&*sink, &mut batch, &mut out).await;
                     sink.deliver_batch(&out);
                     out.clear();
+                }
+                if catch_up {
+                    tracker.catch_up(&*sink, &sink.rooms(), &mut out).await;
+                    if !out.is_empty() {
+                        sink.deliver_batch(&out);
+                        out.clear();
+                    }
                 }
             }
         });
@@ -846,6 +866,7 @@ impl Subscriber {
                     Ok(()) => {
                         resync = false;
                         backoff = Duration::from_millis(50);
+                        catch_up();
                         if !self.healthy.swap(true, Ordering::Relaxed) {
                             tracing::info!(
                                 rooms = subscribed.len(),
@@ -895,6 +916,7 @@ impl Subscriber {
                 {
                     Ok(()) => {
                         resync = false;
+                        catch_up();
                         self.healthy.store(true, Ordering::Relaxed);
                     }
                     Err(e) => {
@@ -1071,7 +1093,8 @@ struct Track {
 
 /// Nothing acknowledged is lost between Redis and the hub (SPEC §10):
 ///
-/// - **Catch-up** (single Redis, after every reconnect): each room the node
+/// - **Catch-up** (after every reconnect of the single subscriber, after
+///   every resync of the cluster one): each room the node
 ///   subscribed again is read from its history after the last offset
 ///   handed over, or, when the epoch changed (Redis restarted empty, the
 ///   history expired), from the start of the new epoch: all of it was
@@ -1094,6 +1117,9 @@ struct Tracker {
     enabled: bool,
     rooms: std::sync::Mutex<HashMap<String, Track>>,
 }
+
+/// The cluster subscriber's marker in its push channel: catch up now.
+const CATCH_UP: &str = "switchboard-catch-up";
 
 /// At most this many events are read back for one gap.
 const GAP_MAX: usize = 1000;

@@ -210,6 +210,15 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 
+    /// The process ids of the nodes that run, in the order of `ports`
+    /// (benchmarks read and cap their CPU).
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        self.children
+            .iter()
+            .map(|c| c.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// The live nodes' plain URLs.
     pub fn node_urls(&self) -> Vec<String> {
         self.ports
