@@ -322,7 +322,6 @@ impl History {
             .arg(since.map(|s| s.epoch.as_str()).unwrap_or(""))
             .arg(new_epoch())
             .arg(self.ttl);
-        type Entry = (String, Vec<(String, Vec<u8>)>);
         let reply: Vec<redis::Value> = match timed("history_read", inv.invoke_async(&mut c)).await {
             Ok(v) => v,
             Err(e) => {
@@ -342,23 +341,31 @@ impl History {
             Some(v) => redis::from_redis_value(v).map_err(bad)?,
             None => Vec::new(),
         };
-        let mut events = Vec::new();
-        for (id, fields) in entries {
-            let off = id
-                .split('-')
-                .next()
-                .and_then(|o| o.parse::<u64>().ok())
-                .ok_or_else(|| BrokerError::Unavailable(format!("bad history id {id:?}")))?;
-            let Some((_, data)) = fields.into_iter().find(|(k, _)| k == "d") else {
-                continue;
-            };
-            match serde_json::from_slice::<Event>(&data) {
-                Ok(e) => events.push((off, e)),
-                Err(e) => tracing::warn!(error = %e, "undecodable history entry in {room}"),
-            }
-        }
-        Ok((StreamPos { epoch, offset }, events))
+        Ok((StreamPos { epoch, offset }, events_of(room, entries)))
     }
+}
+
+/// A history stream entry as XRANGE returns it: id and fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
+/// The events of history entries with their offsets (entry id
+/// `<offset>-0`, field `d`); an entry that is not one is skipped.
+fn events_of(room: &str, entries: Vec<Entry>) -> Vec<(u64, Event)> {
+    let mut events = Vec::with_capacity(entries.len());
+    for (id, fields) in entries {
+        let Some(off) = id.split('-').next().and_then(|o| o.parse::<u64>().ok()) else {
+            tracing::warn!("bad history id {id:?} in {room}");
+            continue;
+        };
+        let Some((_, data)) = fields.into_iter().find(|(k, _)| k == "d") else {
+            continue;
+        };
+        match serde_json::from_slice::<Event>(&data) {
+            Ok(e) => events.push((off, e)),
+            Err(e) => tracing::warn!(error = %e, "undecodable history entry in {room}"),
+        }
+    }
+    events
 }
 
 impl Broker for RedisBroker {
@@ -1348,7 +1355,6 @@ impl History {
     /// The room's history entries from `from` to `to` (offsets, inclusive).
     async fn range(&self, room: &str, from: u64, to: u64) -> Result<Vec<(u64, Event)>, RedisError> {
         let mut c = self.hot.get().await?;
-        type Entry = (String, Vec<(String, Vec<u8>)>);
         let entries: Vec<Entry> = match timed(
             "history_read",
             redis::cmd("XRANGE")
@@ -1367,20 +1373,7 @@ impl History {
                 return Err(e);
             }
         };
-        let mut events = Vec::new();
-        for (id, fields) in entries {
-            let Some(off) = id.split('-').next().and_then(|o| o.parse::<u64>().ok()) else {
-                continue;
-            };
-            let Some((_, data)) = fields.into_iter().find(|(k, _)| k == "d") else {
-                continue;
-            };
-            match serde_json::from_slice::<Event>(&data) {
-                Ok(e) => events.push((off, e)),
-                Err(e) => tracing::warn!(error = %e, "undecodable history entry in {room}"),
-            }
-        }
-        Ok(events)
+        Ok(events_of(room, entries))
     }
 }
 
