@@ -257,6 +257,20 @@ impl Keys {
         }
     }
 
+    /// A city's partition on a cluster: `sb:{c1}` (city 0 for none, `{c0}`).
+    /// Keys under it (`sb:{c1}:drivers:geo`, `sb:{c1}:offers:due`, …) share
+    /// one slot, so a script over one city's keys stays in one slot.
+    pub fn city(&self, city: i64) -> String {
+        format!("{}{{c{city}}}", self.prefix)
+    }
+
+    /// The registry of cities with a partition (`sb:{cities}`, a set):
+    /// what the operations that span cities (claiming deadlines, an admin's
+    /// nearby) go over on a cluster.
+    pub fn cities(&self) -> String {
+        self.family("cities")
+    }
+
     /// The set of live node ids (`sb:nodes`; `sb:{nodes}` on a cluster).
     pub fn nodes(&self) -> String {
         self.family("nodes")
@@ -270,6 +284,73 @@ impl Keys {
         } else {
             format!("{}node:{id}", self.prefix)
         }
+    }
+}
+
+/// The cities with a partition on a cluster ([`Keys::cities`]): a city is
+/// registered (`SADD`) the first time this node writes its partition, and
+/// remembered, so a position costs no extra command; the list is read back
+/// (`SMEMBERS`) at most once per `max_age` for the operations that span
+/// cities.
+pub(crate) struct CityRegistry {
+    key: String,
+    known: std::sync::Mutex<std::collections::BTreeSet<i64>>,
+    listed: std::sync::Mutex<Option<Instant>>,
+}
+
+impl CityRegistry {
+    pub(crate) fn new(keys: &Keys) -> CityRegistry {
+        CityRegistry {
+            key: keys.cities(),
+            known: Default::default(),
+            listed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Registers the cities not registered by this node yet (one `SADD`
+    /// for all of them, none when all are known).
+    pub(crate) async fn register(
+        &self,
+        conn: &mut Conn,
+        cities: impl IntoIterator<Item = i64>,
+    ) -> Result<(), RedisError> {
+        let new: Vec<i64> = {
+            let known = lock(&self.known);
+            let mut new: Vec<i64> = cities.into_iter().filter(|c| !known.contains(c)).collect();
+            new.sort_unstable();
+            new.dedup();
+            new
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        timed(
+            "cities",
+            redis::cmd("SADD").arg(&self.key).arg(&new).exec_async(conn),
+        )
+        .await?;
+        lock(&self.known).extend(new);
+        Ok(())
+    }
+
+    /// Every registered city: those this node registered, and the
+    /// registry as read at most `max_age` ago.
+    pub(crate) async fn all(
+        &self,
+        conn: &mut Conn,
+        max_age: Duration,
+    ) -> Result<Vec<i64>, RedisError> {
+        let stale = lock(&self.listed).is_none_or(|t| t.elapsed() >= max_age);
+        if stale {
+            let listed: Vec<i64> = timed(
+                "cities",
+                redis::cmd("SMEMBERS").arg(&self.key).query_async(conn),
+            )
+            .await?;
+            lock(&self.known).extend(listed);
+            *lock(&self.listed) = Some(Instant::now());
+        }
+        Ok(lock(&self.known).iter().copied().collect())
     }
 }
 
@@ -357,6 +438,10 @@ mod tests {
         );
         let many = Keys::new("sb:", true);
         assert_eq!(many.family("drivers"), "sb:{drivers}");
+        assert_eq!(
+            (many.city(1), many.city(0), many.cities()),
+            ("sb:{c1}".into(), "sb:{c0}".into(), "sb:{cities}".into())
+        );
         assert_eq!(
             (many.nodes(), many.node("n1")),
             ("sb:{nodes}".into(), "sb:{nodes}:node:n1".into())

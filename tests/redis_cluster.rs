@@ -2,7 +2,8 @@
 //! in-process nodes on three masters started by the testkit's
 //! `RedisCluster` guard. Cross-node delivery in all three dialects with the
 //! rooms on different masters (sharded pub/sub), history and resume with
-//! `since` on the other node, and dispatch + offer expiry exactly once.
+//! `since` on the other node, dispatch + offer expiry exactly once, and the
+//! driver index and offer clock partitioned by city (`{c1}`, `{c2}`).
 
 mod common;
 
@@ -218,9 +219,9 @@ fn driver_id(i: usize) -> i64 {
     1000 + i as i64
 }
 
-/// Dispatch through the `{drivers}` index and expiry through the
-/// `{offers}` clock on the cluster: each offer is made once and expires
-/// once, whichever node claims its deadline.
+/// Dispatch through city 1's index and expiry through city 1's clock
+/// (`{c1}`) on the cluster: each offer is made once and expires once,
+/// whichever node claims its deadline.
 #[tokio::test]
 async fn two_nodes_dispatch_and_expire_each_offer_once() {
     init_tracing();
@@ -299,10 +300,11 @@ async fn two_nodes_dispatch_and_expire_each_offer_once() {
         );
         assert_eq!(got[0]["order"]["id"], orders[i]);
     }
-    // The clock's keys share the {offers} slot, and are drained.
-    let master = cluster.master_of("sb:{offers}:due");
-    assert_eq!(master, cluster.master_of("sb:{offers}:lease"));
-    for k in ["sb:{offers}:due", "sb:{offers}:lease"] {
+    // The clock's keys share city 1's slot, and are drained.
+    let master = cluster.master_of("sb:{c1}:offers:due");
+    assert_eq!(master, cluster.master_of("sb:{c1}:offers:lease"));
+    assert_eq!(master, cluster.master_of("sb:{c1}:drivers:geo"));
+    for k in ["sb:{c1}:offers:due", "sb:{c1}:offers:lease"] {
         let n: i64 =
             redis::from_redis_value(cluster.on(master, redis::cmd("ZCARD").arg(k)).unwrap())
                 .unwrap();
@@ -311,13 +313,193 @@ async fn two_nodes_dispatch_and_expire_each_offer_once() {
     let geo: i64 = redis::from_redis_value(
         cluster
             .on(
-                cluster.master_of("sb:{drivers}:geo"),
-                redis::cmd("ZCARD").arg("sb:{drivers}:geo"),
+                cluster.master_of("sb:{c1}:drivers:geo"),
+                redis::cmd("ZCARD").arg("sb:{c1}:drivers:geo"),
             )
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(geo, DRIVERS as i64, "positions in the {{drivers}} slot");
+    assert_eq!(geo, DRIVERS as i64, "positions in city 1's slot");
+}
+
+/// A command on the master that serves `key`'s slot.
+fn on_master_of<T: redis::FromRedisValue>(
+    cluster: &RedisCluster,
+    key: &str,
+    cmd: &redis::Cmd,
+) -> T {
+    redis::from_redis_value(cluster.on(cluster.master_of(key), cmd).unwrap()).unwrap()
+}
+
+async fn nearby_ids(addr: std::net::SocketAddr, token: &str) -> Vec<i64> {
+    let (s, b) = call(
+        addr,
+        "GET",
+        "/api/drivers/nearby?lat=41.30&lon=69.24&radius_km=5",
+        token,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let mut ids: Vec<i64> = b["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["driver_id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// SPEC §12: positions, presence and deadlines partitioned by city. Cities
+/// 1 and 2 hash to different masters (`{c1}`, `{c2}`); a driver of each,
+/// side by side (the city-2 driver nearer the pickup), on different nodes.
+/// An order of city 1 is offered to the city-1 driver only, once; its
+/// deadline expires once across the two nodes; then the order waits in
+/// city 1 (nobody else there). The keys are where the README says, and
+/// nothing is left under `{drivers}` or `{offers}`. An admin's nearby
+/// lists both cities' drivers, a manager's only its cities'.
+#[tokio::test]
+async fn cities_are_partitions_on_their_own_masters() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    assert_ne!(
+        cluster.master_of("sb:{c1}:drivers:geo"),
+        cluster.master_of("sb:{c2}:drivers:geo"),
+        "cities 1 and 2 on different masters"
+    );
+    let db = TestDb::sqlite();
+    let mut ns = Vec::new();
+    for id in ["a", "b"] {
+        let mut c = cluster_config(&db, &cluster, id);
+        c.offer_timeout = Duration::from_secs(2);
+        c.offer_lease = Duration::from_secs(1);
+        let n = TestNode::start(c).await;
+        n.wait_ready(true).await;
+        ns.push(n);
+    }
+    let (a, b) = (ns[0].addr, ns[1].addr);
+    let (one, two) = (driver(501, 1), driver(502, 2));
+    let mut d1 = connect_ready(a, "/ws/driver/orders/", &one).await;
+    let mut d2 = connect_ready(b, "/ws/driver/orders/", &two).await;
+    locate(b, &one, 41.30, 69.24).await;
+    locate(a, &two, 41.3004, 69.24).await;
+
+    for node in [a, b] {
+        assert_eq!(
+            nearby_ids(node, &admin()).await,
+            vec![501, 502],
+            "admin: every city"
+        );
+        assert_eq!(
+            nearby_ids(node, &manager(9, &[2])).await,
+            vec![502],
+            "manager of city 2"
+        );
+        assert_eq!(
+            nearby_ids(node, &manager(9, &[1])).await,
+            vec![501],
+            "manager of city 1"
+        );
+        assert_eq!(nearby_ids(node, &manager(9, &[1, 2])).await, vec![501, 502]);
+    }
+
+    // Nearer the city-2 driver than the city-1 one.
+    let order = id_of(
+        &create_order(
+            a,
+            &admin(),
+            json!({"city_id": 1, "user_id": 77, "latitude_from": 41.3003, "longitude_from": 69.24, "total": 10}),
+        )
+        .await,
+    );
+    let conn = db_conn(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(
+        &conn,
+        "SELECT count(*) FROM offers WHERE status = 'expired'",
+    )
+    .await
+        < 1
+    {
+        assert!(Instant::now() < deadline, "the offer did not expire");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the lease: a second expiry would show now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        scalar(&conn, "SELECT count(*) FROM offers").await,
+        1,
+        "one offer"
+    );
+    assert_eq!(
+        scalar(
+            &conn,
+            "SELECT count(*) FROM offers WHERE status = 'expired' AND driver_id = 501"
+        )
+        .await,
+        1,
+        "to the city-1 driver, expired once"
+    );
+    let got = queued(&mut d1).await;
+    let types: Vec<&str> = got.iter().filter_map(|m| m["type"].as_str()).collect();
+    assert_eq!(types, ["new_order", "order_timeout"], "{got:?}");
+    assert_eq!(got[0]["order"]["id"], order);
+    assert_eq!(
+        queued(&mut d2).await,
+        Vec::<Value>::new(),
+        "nothing for city 2"
+    );
+
+    // The keys, on the masters of their slots.
+    for (key, member) in [
+        ("sb:{c1}:drivers:geo", 501),
+        ("sb:{c1}:drivers:seen", 501),
+        ("sb:{c1}:drivers:sock", 501),
+        ("sb:{c1}:drivers:http", 501),
+        ("sb:{c2}:drivers:geo", 502),
+        ("sb:{c2}:drivers:sock", 502),
+        ("sb:{c1}:orders:waiting", order),
+    ] {
+        let score: Option<f64> =
+            on_master_of(&cluster, key, redis::cmd("ZSCORE").arg(key).arg(member));
+        assert!(score.is_some(), "{member} in {key}");
+    }
+    for (key, member) in [("sb:{c1}:drivers:geo", 502), ("sb:{c2}:drivers:geo", 501)] {
+        let score: Option<f64> =
+            on_master_of(&cluster, key, redis::cmd("ZSCORE").arg(key).arg(member));
+        assert!(score.is_none(), "{member} not in {key}");
+    }
+    let exists: i64 = on_master_of(
+        &cluster,
+        "sb:{c1}:drivers:geo",
+        redis::cmd("EXISTS").arg("sb:{c1}:drivers:geo"),
+    );
+    assert_eq!(exists, 1);
+    for key in [
+        "sb:{c1}:offers:due",
+        "sb:{c1}:offers:lease",
+        "sb:{c2}:offers:due",
+    ] {
+        let n: i64 = on_master_of(&cluster, key, redis::cmd("ZCARD").arg(key));
+        assert_eq!(n, 0, "{key} drained");
+    }
+    let mut cities: Vec<i64> = on_master_of(
+        &cluster,
+        "sb:{cities}",
+        redis::cmd("SMEMBERS").arg("sb:{cities}"),
+    );
+    cities.sort_unstable();
+    assert_eq!(cities, vec![1, 2], "the registry");
+    for tag in ["{drivers}", "{offers}"] {
+        let pattern = format!("sb:{tag}*");
+        let left: Vec<String> = on_master_of(
+            &cluster,
+            &format!("sb:{tag}:x"),
+            redis::cmd("KEYS").arg(&pattern),
+        );
+        assert!(left.is_empty(), "{left:?}");
+    }
 }
 
 /// A master failover under a stream of publishes, with real sockets: the

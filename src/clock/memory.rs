@@ -1,9 +1,10 @@
-//! The embedded offer clock: an ordered set behind a mutex.
+//! The embedded offer clock: an ordered set behind a mutex, one for all
+//! cities (the city arguments are not used; claims report city 0).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use super::{Claimed, ClockError, OfferClock};
+use super::{Claimed, ClockError, Due, OfferClock};
 use crate::lock::lock;
 
 /// Deadlines ordered by time, and each offer's deadline (for cancel).
@@ -19,7 +20,12 @@ pub struct MemoryClock {
 }
 
 impl OfferClock for MemoryClock {
-    async fn schedule(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+    async fn schedule(
+        &self,
+        _city: i64,
+        offer_id: i64,
+        deadline_ms: i64,
+    ) -> Result<(), ClockError> {
         let mut g = lock(&self.inner);
         if let Some(old) = g.by_offer.insert(offer_id, deadline_ms) {
             g.by_time.remove(&(old, offer_id));
@@ -28,7 +34,7 @@ impl OfferClock for MemoryClock {
         Ok(())
     }
 
-    async fn seed(&self, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
+    async fn seed(&self, _city: i64, offer_id: i64, deadline_ms: i64) -> Result<(), ClockError> {
         let mut g = lock(&self.inner);
         let g = &mut *g;
         if let std::collections::hash_map::Entry::Vacant(e) = g.by_offer.entry(offer_id) {
@@ -38,7 +44,7 @@ impl OfferClock for MemoryClock {
         Ok(())
     }
 
-    async fn cancel(&self, offer_id: i64) -> Result<(), ClockError> {
+    async fn cancel(&self, _city: i64, offer_id: i64) -> Result<(), ClockError> {
         let mut g = lock(&self.inner);
         if let Some(old) = g.by_offer.remove(&offer_id) {
             g.by_time.remove(&(old, offer_id));
@@ -58,7 +64,10 @@ impl OfferClock for MemoryClock {
             }
             g.by_time.pop_first();
             g.by_offer.remove(&id);
-            out.push(id);
+            out.push(Due {
+                offer_id: id,
+                city: 0,
+            });
         }
         Ok(Claimed {
             ids: out,
@@ -66,7 +75,7 @@ impl OfferClock for MemoryClock {
         })
     }
 
-    async fn done(&self, _offer_id: i64) -> Result<(), ClockError> {
+    async fn done(&self, _city: i64, _offer_id: i64) -> Result<(), ClockError> {
         Ok(())
     }
 }

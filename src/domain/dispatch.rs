@@ -19,6 +19,12 @@
 //! `order_timeout` and re-dispatches. The clock's lease makes sure some node
 //! gets to try; the database makes sure only one succeeds.
 //!
+//! Cities: the index and the clock take the city of what they store (the
+//! order's `city_id` for an order and its offers, the driver token's city
+//! for a driver, 0 for none). On a Redis Cluster they are partitioned by
+//! it, so an order is offered only to drivers of its city; on one Redis
+//! and embedded the city is not used.
+//!
 //! The events of offers (made, ended, accepted) are written to the event
 //! outbox in the offer's transaction; Redis (driver index, offer clock) is
 //! used before and after it. A re-dispatch that follows a committed change
@@ -37,7 +43,7 @@ use crate::clock::OfferClock;
 use crate::domain::model::{ASSIGNABLE, awaits_driver, offer_json, pickup, updated_event};
 use crate::domain::{Ctx, DomainError};
 use crate::event::{Event, EventKind, Position, iso, iso_now, room};
-use crate::index::{DriverIndex, Nearby, Report, Via};
+use crate::index::{DriverIndex, Nearby, Report, Scope, Via, city_of};
 use crate::lock::lock;
 use crate::metrics as m;
 use crate::store::{self, Offer, Order};
@@ -80,11 +86,25 @@ pub async fn dispatch(
     order_id: i64,
     trigger: Trigger,
 ) -> Result<Option<Offer>, DomainError> {
+    dispatch_in(ctx, order_id, trigger, None).await
+}
+
+/// [`dispatch`], with the city the order was found waiting in, if any
+/// (to drop it from there when the order is gone).
+async fn dispatch_in(
+    ctx: &Ctx,
+    order_id: i64,
+    trigger: Trigger,
+    waiting_in: Option<i64>,
+) -> Result<Option<Offer>, DomainError> {
     let start = Instant::now();
     let Some(order) = store::get_order(&ctx.db, order_id).await? else {
-        ctx.drivers.unwait_order(order_id).await?;
+        ctx.drivers
+            .unwait_order(waiting_in.unwrap_or(0), order_id)
+            .await?;
         return Ok(None);
     };
+    let city = order.city_id;
     let Some((lat, lon)) = pickup(&order) else {
         return Ok(None);
     };
@@ -93,7 +113,7 @@ pub async fn dispatch(
             .await?
             .is_some()
     {
-        ctx.drivers.unwait_order(order_id).await?;
+        ctx.drivers.unwait_order(city, order_id).await?;
         return Ok(None);
     }
     if trigger == Trigger::Auto && given_up(ctx, &order) {
@@ -104,6 +124,7 @@ pub async fn dispatch(
     let near = ctx
         .drivers
         .nearest(
+            Scope::City(city),
             lat,
             lon,
             ctx.rules.dispatch_radius_km,
@@ -156,7 +177,7 @@ pub async fn dispatch(
     metrics::counter!(m::OFFERS, "outcome" => "no_driver").increment(1);
     // Waiting first, then the status: a driver that becomes eligible
     // between the two still finds the order.
-    ctx.drivers.wait_order(order_id, lat, lon).await?;
+    ctx.drivers.wait_order(city, order_id, lat, lon).await?;
     if store::set_dispatch_status(&ctx.db, order_id, "no_drivers", &ASSIGNABLE, |o| {
         vec![updated_event(o, vec!["dispatch_status".into()], None)]
     })
@@ -182,7 +203,7 @@ fn given_up(ctx: &Ctx, order: &Order) -> bool {
 /// The order is no longer offered by itself: `gave_up` (once, with its
 /// `ORDER_UPDATED`), out of the waiting set. An admin's dispatch revives it.
 async fn give_up(ctx: &Ctx, order: &Order) -> Result<(), DomainError> {
-    ctx.drivers.unwait_order(order.id).await?;
+    ctx.drivers.unwait_order(order.city_id, order.id).await?;
     if store::set_dispatch_status(&ctx.db, order.id, "gave_up", &ASSIGNABLE, |o| {
         vec![updated_event(o, vec!["dispatch_status".into()], None)]
     })
@@ -234,10 +255,17 @@ async fn offer_made(ctx: &Ctx, offer: &Offer, order: &Order) {
     // save the round trip (a stale entry is dropped by the dispatch it
     // triggers).
     if matches!(order.dispatch_status.as_str(), "no_drivers" | "gave_up") {
-        let _ = ctx.drivers.unwait_order(offer.order_id).await;
+        let _ = ctx
+            .drivers
+            .unwait_order(order.city_id, offer.order_id)
+            .await;
     }
     metrics::counter!(m::OFFERS, "outcome" => "made").increment(1);
-    if let Err(e) = ctx.offers.schedule(offer.id, deadline_ms(offer)).await {
+    if let Err(e) = ctx
+        .offers
+        .schedule(order.city_id, offer.id, deadline_ms(offer))
+        .await
+    {
         tracing::warn!(offer = offer.id, error = %e, "offer deadline not scheduled; the database sweep expires it");
     }
 }
@@ -254,9 +282,22 @@ pub fn offer_ended_event(offer: &Offer, message: &str) -> Event {
 }
 
 /// Drops the deadline of an offer that ended (best effort: the clock finds
-/// the offer ended anyway).
-pub async fn drop_deadline(ctx: &Ctx, offer: &Offer) {
-    let _ = ctx.offers.cancel(offer.id).await;
+/// the offer ended anyway); `city`: its order's.
+pub async fn drop_deadline(ctx: &Ctx, city: i64, offer: &Offer) {
+    let _ = ctx.offers.cancel(city, offer.id).await;
+}
+
+/// The city of an order, to drop its offer's deadline. 0 when the order
+/// is gone or the database does not answer (best effort, like the drop:
+/// a deadline left behind is claimed later and found ended).
+async fn order_city(ctx: &Ctx, order_id: i64) -> i64 {
+    match store::get_order(&ctx.db, order_id).await {
+        Ok(order) => order.map_or(0, |o| o.city_id),
+        Err(e) => {
+            tracing::debug!(order = order_id, error = %e, "order's city not read");
+            0
+        }
+    }
 }
 
 /// Expires an offer if it is still open: `order_timeout` to its driver,
@@ -272,21 +313,21 @@ pub async fn expire(ctx: &Ctx, offer_id: i64) -> Result<bool, DomainError> {
     };
     ctx.wake_relay();
     metrics::counter!(m::OFFERS, "outcome" => "expired").increment(1);
-    drop_deadline(ctx, &offer).await;
+    drop_deadline(ctx, order_city(ctx, offer.order_id).await, &offer).await;
     dispatch_committed(ctx, offer.order_id).await;
     Ok(true)
 }
 
 /// Ends the order's open offers (cancel or delete).
-pub async fn cancel_offers(ctx: &Ctx, order_id: i64, message: &str) -> Result<(), DomainError> {
-    if let Some(open) = store::open_offer_of_order(&ctx.db, order_id).await?
+pub async fn cancel_offers(ctx: &Ctx, order: &Order, message: &str) -> Result<(), DomainError> {
+    if let Some(open) = store::open_offer_of_order(&ctx.db, order.id).await?
         && let Some(offer) = store::end_offer(&ctx.db, open.id, "cancelled", |offer| {
             vec![offer_ended_event(offer, message)]
         })
         .await?
     {
         ctx.wake_relay();
-        drop_deadline(ctx, &offer).await;
+        drop_deadline(ctx, order.city_id, &offer).await;
     }
     Ok(())
 }
@@ -308,8 +349,10 @@ pub async fn assign(ctx: &Ctx, order: &Order, driver_id: i64) -> Result<Offer, D
             "driver {driver_id} already holds an offer or an order"
         )));
     }
-    cancel_offers(ctx, order.id, EXPIRED_MESSAGE).await?;
-    let distance = pickup_distance(order, ctx.drivers.position(driver_id).await?).unwrap_or(0.0);
+    cancel_offers(ctx, order, EXPIRED_MESSAGE).await?;
+    // On a cluster the driver's position is looked up in the order's city.
+    let distance = pickup_distance(order, ctx.drivers.position(order.city_id, driver_id).await?)
+        .unwrap_or(0.0);
     let expires = offer_deadline(ctx);
     let offer = store::create_offer(
         &ctx.db,
@@ -332,7 +375,10 @@ pub async fn assign(ctx: &Ctx, order: &Order, driver_id: i64) -> Result<Offer, D
 /// ones are expired on the spot, with the same messages as the clock.
 pub async fn open_offers(ctx: &Ctx, who: &Identity) -> Result<Vec<Value>, DomainError> {
     let now = Utc::now();
-    let pos = ctx.drivers.position(who.driver_id).await?;
+    let pos = ctx
+        .drivers
+        .position(city_of(who.city_id), who.driver_id)
+        .await?;
     let mut out = Vec::new();
     for offer in store::open_offers_of_driver(&ctx.db, who.driver_id).await? {
         if offer.expires_at <= now {
@@ -372,6 +418,7 @@ pub async fn accept(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<Order, D
         )));
     }
     let before = store::get_order(&ctx.db, order_id).await?;
+    let city = before.as_ref().map_or(0, |o| o.city_id);
     let order = store::accept_offer(&ctx.db, &offer, &ASSIGNABLE, ctx.sync_on(), |order| {
         let mut changed = vec!["status".to_string(), "driver_id".to_string()];
         if before.as_ref().map(|b| b.dispatch_status.as_str()) != Some("assigned") {
@@ -384,7 +431,7 @@ pub async fn accept(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<Order, D
         DomainError::Conflict(format!("the offer of order {order_id} is no longer open"))
     })?;
     ctx.wake_relay();
-    drop_deadline(ctx, &offer).await;
+    drop_deadline(ctx, city, &offer).await;
     metrics::counter!(m::OFFERS, "outcome" => "accepted").increment(1);
     Ok(order)
 }
@@ -397,7 +444,7 @@ pub async fn decline(ctx: &Ctx, who: &Identity, order_id: i64) -> Result<(), Dom
             "the offer of order {order_id} is no longer open"
         )));
     };
-    drop_deadline(ctx, &offer).await;
+    drop_deadline(ctx, order_city(ctx, order_id).await, &offer).await;
     metrics::counter!(m::OFFERS, "outcome" => "declined").increment(1);
     dispatch_committed(ctx, order_id).await;
     Ok(())
@@ -423,7 +470,7 @@ pub async fn driver_location(
         .await?;
     metrics::counter!(m::DRIVER_LOCATIONS).increment(1);
     if !waiting.is_empty() {
-        spawn_eligible(ctx, who.driver_id, Some(waiting));
+        spawn_eligible(ctx, who.driver_id, city_of(who.city_id), Some(waiting));
     }
     let mut rooms = vec![room::ADMIN.to_string()];
     rooms.extend(who.city_id.map(room::city));
@@ -441,16 +488,19 @@ pub async fn driver_location(
     .await
 }
 
-/// A driver says it can (or cannot) take offers now; "can" makes it
-/// eligible for the orders waiting near it.
+/// A driver (of `city`: its token's) says it can (or cannot) take offers
+/// now; "can" makes it eligible for the orders waiting near it.
 pub async fn set_available(
     ctx: &Arc<Ctx>,
+    city: i64,
     driver_id: i64,
     available: bool,
 ) -> Result<(), DomainError> {
-    ctx.drivers.set_available(driver_id, available).await?;
+    ctx.drivers
+        .set_available(city, driver_id, available)
+        .await?;
     if available {
-        spawn_eligible(ctx, driver_id, None);
+        spawn_eligible(ctx, driver_id, city, None);
     }
     Ok(())
 }
@@ -462,23 +512,28 @@ pub const SOCKET_PRESENCE_TTL: Duration = Duration::from_secs(12);
 /// holds.
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(4);
 
-/// Drivers online `via` a socket on this node or the HTTP API: presence
-/// in the index; those that just came online are eligible for the orders
-/// waiting near them.
-pub async fn drivers_online(ctx: &Arc<Ctx>, ids: &[i64], via: Via) -> Result<(), DomainError> {
+/// Drivers (of `city`: their tokens') online `via` a socket on this node
+/// or the HTTP API: presence in the index; those that just came online are
+/// eligible for the orders waiting near them.
+pub async fn drivers_online(
+    ctx: &Arc<Ctx>,
+    city: i64,
+    ids: &[i64],
+    via: Via,
+) -> Result<(), DomainError> {
     let ttl = match via {
         Via::Socket => SOCKET_PRESENCE_TTL,
         Via::Http => ctx.rules.driver_stale,
     };
-    for id in ctx.drivers.online(ids, via, ttl).await? {
-        spawn_eligible(ctx, id, None);
+    for id in ctx.drivers.online(city, ids, via, ttl).await? {
+        spawn_eligible(ctx, id, city, None);
     }
     Ok(())
 }
 
-/// The driver's last socket on this node closed.
-pub async fn driver_offline(ctx: &Ctx, driver_id: i64) -> Result<(), DomainError> {
-    Ok(ctx.drivers.offline(driver_id).await?)
+/// The driver's (of `city`) last socket on this node closed.
+pub async fn driver_offline(ctx: &Ctx, city: i64, driver_id: i64) -> Result<(), DomainError> {
+    Ok(ctx.drivers.offline(city, driver_id).await?)
 }
 
 /// At most one eligibility-triggered dispatch per order per this, per node:
@@ -486,10 +541,10 @@ pub async fn driver_offline(ctx: &Ctx, driver_id: i64) -> Result<(), DomainError
 /// must not re-run the order's dispatch every second.
 pub const ELIGIBLE_GAP: Duration = Duration::from_millis(500);
 
-fn spawn_eligible(ctx: &Arc<Ctx>, driver_id: i64, waiting: Option<Vec<i64>>) {
+fn spawn_eligible(ctx: &Arc<Ctx>, driver_id: i64, city: i64, waiting: Option<Vec<i64>>) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        if let Err(e) = driver_eligible(&ctx, driver_id, waiting).await {
+        if let Err(e) = driver_eligible(&ctx, driver_id, city, waiting).await {
             tracing::debug!(driver = driver_id, error = %e, "re-dispatch for an eligible driver failed; the retry pass catches up");
         }
     });
@@ -499,17 +554,20 @@ fn spawn_eligible(ctx: &Arc<Ctx>, driver_id: i64, waiting: Option<Vec<i64>>) {
 /// available, finished an order): the orders waiting near it (`waiting`,
 /// or looked up around its last position) are dispatched again, nearest
 /// first. Each goes to its nearest eligible driver, which may be another.
+/// `city`: the driver's (where it and the orders are looked up on a
+/// cluster).
 pub async fn driver_eligible(
     ctx: &Ctx,
     driver_id: i64,
+    city: i64,
     waiting: Option<Vec<i64>>,
 ) -> Result<(), DomainError> {
     let waiting = match waiting {
         Some(w) => w,
-        None => match ctx.drivers.position(driver_id).await? {
+        None => match ctx.drivers.position(city, driver_id).await? {
             Some((lat, lon)) => {
                 ctx.drivers
-                    .waiting_near(lat, lon, ctx.rules.dispatch_radius_km)
+                    .waiting_near(city, lat, lon, ctx.rules.dispatch_radius_km)
                     .await?
             }
             None => return Ok(()),
@@ -538,7 +596,7 @@ pub async fn driver_eligible(
             }
         };
         if due {
-            dispatch(ctx, order_id, Trigger::Auto).await?;
+            dispatch_in(ctx, order_id, Trigger::Auto, Some(city)).await?;
         }
     }
     Ok(())
@@ -547,7 +605,8 @@ pub async fn driver_eligible(
 /// Drivers near a point who could take an offer now (online, available,
 /// fresh, not holding an offer or an order), nearest first:
 /// `GET /api/drivers/nearby`. `cities` limits them to those cities (a
-/// manager's); `None` shows all.
+/// manager's: on a cluster only their partitions are searched); `None`
+/// shows all (on a cluster: every registered city, merged by distance).
 pub async fn nearby(
     ctx: &Ctx,
     lat: f64,
@@ -564,9 +623,10 @@ pub async fn nearby(
     } else {
         limit
     };
+    let scope = cities.map_or(Scope::All, Scope::Cities);
     let near = ctx
         .drivers
-        .nearest(lat, lon, radius_km, ctx.rules.driver_stale, fetch)
+        .nearest(scope, lat, lon, radius_km, ctx.rules.driver_stale, fetch)
         .await?;
     let near: Vec<Nearby> = near.into_iter().filter(in_scope).collect();
     let ids: Vec<i64> = near.iter().map(|n| n.driver_id).collect();
@@ -649,16 +709,17 @@ pub async fn run_clock(ctx: Arc<Ctx>, stop: CancellationToken) {
                     if claimed.ids.is_empty() {
                         wait = idle_wait(claimed.next_ms, now_ms);
                     }
-                    for id in claimed.ids {
+                    for due in claimed.ids {
                         let Ok(permit) = permits.clone().try_acquire_owned() else {
                             break; // cannot happen: we claimed at most `free`
                         };
                         let ctx = ctx.clone();
+                        let id = due.offer_id;
                         tokio::spawn(async move {
                             let _permit = permit;
                             match expire(&ctx, id).await {
                                 Ok(_) => {
-                                    let _ = ctx.offers.done(id).await;
+                                    let _ = ctx.offers.done(due.city, id).await;
                                 }
                                 // Not marked done: the lease runs out and
                                 // some node retries it.
@@ -718,8 +779,11 @@ async fn sweep(ctx: &Ctx) -> Result<(), DomainError> {
 /// lease runs out, never at once by whichever node starts next.
 pub async fn reseed(ctx: &Ctx) -> Result<usize, DomainError> {
     let open = store::open_offers(&ctx.db).await?;
+    let orders: Vec<i64> = open.iter().map(|o| o.order_id).collect();
+    let cities = store::order_cities(&ctx.db, &orders).await?;
     for o in &open {
-        ctx.offers.seed(o.id, deadline_ms(o)).await?;
+        let city = cities.get(&o.order_id).copied().unwrap_or(0);
+        ctx.offers.seed(city, o.id, deadline_ms(o)).await?;
     }
     Ok(open.len())
 }

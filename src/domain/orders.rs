@@ -200,7 +200,7 @@ async fn apply_fields(
         };
         ctx.wake_relay();
         if order.status == "cancelled" {
-            dispatch::cancel_offers(ctx, order.id, "Order cancelled").await?;
+            dispatch::cancel_offers(ctx, &order, "Order cancelled").await?;
         }
         if let Some(d) = order.driver_id
             && !busy_status(&order.status)
@@ -208,7 +208,7 @@ async fn apply_fields(
         {
             // The driver finished (delivered, completed or cancelled): it
             // is eligible for the orders waiting near it.
-            if let Err(e) = dispatch::driver_eligible(ctx, d, None).await {
+            if let Err(e) = dispatch::driver_eligible(ctx, d, order.city_id, None).await {
                 tracing::debug!(driver = d, error = %e, "re-dispatch for a freed driver failed; the retry pass catches up");
             }
         }
@@ -240,7 +240,7 @@ pub async fn delete(ctx: &Ctx, id: i64) -> Result<(), DomainError> {
     .ok_or_else(not_found)?; // deleted meanwhile
     ctx.wake_relay();
     for offer in ended {
-        dispatch::drop_deadline(ctx, &offer).await;
+        dispatch::drop_deadline(ctx, order.city_id, &offer).await;
     }
     Ok(())
 }

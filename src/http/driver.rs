@@ -13,7 +13,7 @@ use crate::auth::{Identity, Role};
 use crate::domain::dispatch;
 use crate::domain::model::order_json;
 use crate::event::Position;
-use crate::index::Via;
+use crate::index::{Via, city_of};
 use crate::node::app::App;
 
 /// The calling driver, who is online by this call (SPEC §5 "Presence": the
@@ -23,7 +23,8 @@ async fn driver<B>(app: &Arc<App>, req: &Request<B>) -> Result<Identity, ApiErro
     if who.role != Role::Driver {
         return Err(ApiError::Forbidden("drivers only".into()));
     }
-    if let Err(e) = dispatch::drivers_online(&app.ctx, &[who.driver_id], Via::Http).await {
+    let city = city_of(who.city_id);
+    if let Err(e) = dispatch::drivers_online(&app.ctx, city, &[who.driver_id], Via::Http).await {
         // The call itself may still work (a poll reads the database).
         tracing::debug!(driver = who.driver_id, error = %e, "presence not recorded");
     }
@@ -78,6 +79,6 @@ struct StatusBody {
 pub async fn status(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let who = driver(app, &req).await?;
     let b: StatusBody = read_json(req).await?;
-    dispatch::set_available(&app.ctx, who.driver_id, b.available).await?;
+    dispatch::set_available(&app.ctx, city_of(who.city_id), who.driver_id, b.available).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

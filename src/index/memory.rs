@@ -1,10 +1,12 @@
-//! The embedded driver index: maps behind a mutex, scanned linearly.
+//! The embedded driver index: maps behind a mutex, scanned linearly. One
+//! index for all cities: the city arguments are not used, and a search
+//! looks across cities whatever its [`Scope`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{DriverIndex, IndexError, Nearby, Report, Via, WAITING_NEAR, haversine_km};
+use super::{DriverIndex, IndexError, Nearby, Report, Scope, Via, WAITING_NEAR, haversine_km};
 use crate::lock::lock;
 
 struct Entry {
@@ -84,7 +86,12 @@ impl DriverIndex for MemoryIndex {
         })
     }
 
-    async fn set_available(&self, driver_id: i64, available: bool) -> Result<(), IndexError> {
+    async fn set_available(
+        &self,
+        _city: i64,
+        driver_id: i64,
+        available: bool,
+    ) -> Result<(), IndexError> {
         let mut s = self.lock();
         if let Some(e) = s.drivers.get_mut(&driver_id) {
             e.available = available;
@@ -107,6 +114,7 @@ impl DriverIndex for MemoryIndex {
 
     async fn nearest(
         &self,
+        _scope: Scope<'_>,
         lat: f64,
         lon: f64,
         radius_km: f64,
@@ -141,7 +149,7 @@ impl DriverIndex for MemoryIndex {
         Ok(out)
     }
 
-    async fn position(&self, driver_id: i64) -> Result<Option<(f64, f64)>, IndexError> {
+    async fn position(&self, _city: i64, driver_id: i64) -> Result<Option<(f64, f64)>, IndexError> {
         Ok(self
             .lock()
             .drivers
@@ -150,7 +158,13 @@ impl DriverIndex for MemoryIndex {
             .map(|e| (e.lat, e.lon)))
     }
 
-    async fn online(&self, ids: &[i64], via: Via, ttl: Duration) -> Result<Vec<i64>, IndexError> {
+    async fn online(
+        &self,
+        _city: i64,
+        ids: &[i64],
+        via: Via,
+        ttl: Duration,
+    ) -> Result<Vec<i64>, IndexError> {
         let now = Instant::now();
         let until = now + ttl;
         let mut s = self.lock();
@@ -169,25 +183,32 @@ impl DriverIndex for MemoryIndex {
         Ok(came)
     }
 
-    async fn offline(&self, driver_id: i64) -> Result<(), IndexError> {
+    async fn offline(&self, _city: i64, driver_id: i64) -> Result<(), IndexError> {
         if let Some(p) = self.lock().presence.get_mut(&driver_id) {
             p.socket = None;
         }
         Ok(())
     }
 
-    async fn wait_order(&self, order_id: i64, lat: f64, lon: f64) -> Result<(), IndexError> {
+    async fn wait_order(
+        &self,
+        _city: i64,
+        order_id: i64,
+        lat: f64,
+        lon: f64,
+    ) -> Result<(), IndexError> {
         self.lock().waiting.insert(order_id, (lat, lon));
         Ok(())
     }
 
-    async fn unwait_order(&self, order_id: i64) -> Result<(), IndexError> {
+    async fn unwait_order(&self, _city: i64, order_id: i64) -> Result<(), IndexError> {
         self.lock().waiting.remove(&order_id);
         Ok(())
     }
 
     async fn waiting_near(
         &self,
+        _city: i64,
         lat: f64,
         lon: f64,
         radius_km: f64,

@@ -19,7 +19,7 @@ use crate::domain::dispatch;
 use crate::domain::{Ctx, DomainError};
 use crate::event::{Position, iso_now};
 use crate::hub::Hub;
-use crate::index::Via;
+use crate::index::{Via, city_of};
 use crate::lock::lock;
 use crate::metrics as m;
 use crate::ws::outbox::{ConnId, Outbox};
@@ -59,9 +59,18 @@ pub struct App {
     pub(crate) next_conn: AtomicU64,
     /// Driver positions waiting out `LOCATION_MIN_INTERVAL_MS`.
     pub(crate) locations: LocationGate,
-    /// Drivers with a socket open on this node, and how many sockets each
-    /// (their presence is this node's to refresh).
-    pub(crate) drivers_here: Mutex<HashMap<i64, u32>>,
+    /// Drivers with a socket open on this node: how many sockets each, and
+    /// its city (the first socket's token's; 0 for none), the partition its
+    /// presence is in on a cluster (their presence is this node's to
+    /// refresh).
+    pub(crate) drivers_here: Mutex<HashMap<i64, Here>>,
+}
+
+/// A driver with sockets on this node ([`App::drivers_here`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Here {
+    pub sockets: u32,
+    pub city: i64,
 }
 
 /// At most one position per driver per interval is applied and fanned out
@@ -134,18 +143,20 @@ impl App {
     /// after it finds the driver online; a Redis that does not answer holds
     /// the connect for at most [`PRESENCE_WAIT`] (the refresh loop records
     /// the driver later).
-    pub async fn driver_socket_opened(&self, driver_id: i64) {
+    /// `city_id`: the city of the driver's token.
+    pub async fn driver_socket_opened(&self, driver_id: i64, city_id: Option<i64>) {
+        let city = city_of(city_id);
         let first = {
             let mut here = lock(&self.drivers_here);
-            let n = here.entry(driver_id).or_insert(0);
-            *n += 1;
-            *n == 1
+            let h = here.entry(driver_id).or_insert(Here { sockets: 0, city });
+            h.sockets += 1;
+            h.sockets == 1
         };
         if !first {
             return;
         }
         let ids = [driver_id];
-        let online = dispatch::drivers_online(&self.ctx, &ids, Via::Socket);
+        let online = dispatch::drivers_online(&self.ctx, city, &ids, Via::Socket);
         match tokio::time::timeout(PRESENCE_WAIT, online).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -161,21 +172,18 @@ impl App {
         let last = {
             let mut here = lock(&self.drivers_here);
             match here.get_mut(&driver_id) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
+                Some(h) if h.sockets > 1 => {
+                    h.sockets -= 1;
+                    None
                 }
-                Some(_) => {
-                    here.remove(&driver_id);
-                    true
-                }
-                None => false,
+                Some(_) => here.remove(&driver_id),
+                None => None,
             }
         };
-        if last {
+        if let Some(Here { city, .. }) = last {
             let ctx = self.ctx.clone();
             tokio::spawn(async move {
-                if let Err(e) = dispatch::driver_offline(&ctx, driver_id).await {
+                if let Err(e) = dispatch::driver_offline(&ctx, city, driver_id).await {
                     // Its presence runs out by itself (SOCKET_PRESENCE_TTL).
                     tracing::debug!(driver = driver_id, error = %e, "presence not cleared");
                 }
@@ -186,18 +194,21 @@ impl App {
     /// Refreshes, every [`dispatch::PRESENCE_REFRESH`], the presence of the
     /// drivers whose sockets this node holds: a node that dies stops, and
     /// its drivers go offline within [`dispatch::SOCKET_PRESENCE_TTL`].
+    /// One refresh per city (each its own partition on a cluster).
     pub async fn run_presence(self: Arc<Self>) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(dispatch::PRESENCE_REFRESH) => {}
                 _ = self.stop.cancelled() => return,
             }
-            let ids: Vec<i64> = lock(&self.drivers_here).keys().copied().collect();
-            if ids.is_empty() {
-                continue;
+            let mut by_city: HashMap<i64, Vec<i64>> = HashMap::new();
+            for (id, h) in lock(&self.drivers_here).iter() {
+                by_city.entry(h.city).or_default().push(*id);
             }
-            if let Err(e) = dispatch::drivers_online(&self.ctx, &ids, Via::Socket).await {
-                tracing::debug!(error = %e, "presence refresh failed");
+            for (city, ids) in by_city {
+                if let Err(e) = dispatch::drivers_online(&self.ctx, city, &ids, Via::Socket).await {
+                    tracing::debug!(city, error = %e, "presence refresh failed");
+                }
             }
         }
     }

@@ -89,11 +89,11 @@ impl Node {
                 (
                     AnyBroker::Redis(broker),
                     AnyIndex::Redis(RedisIndex::new(redis.clone(), &config.redis_prefix)),
-                    AnyClock::Redis(RedisClock::new(
+                    AnyClock::Redis(Box::new(RedisClock::new(
                         redis.clone(),
                         &config.redis_prefix,
                         config.offer_lease,
-                    )),
+                    ))),
                     Some(redis),
                 )
             }

@@ -204,6 +204,22 @@ pub async fn open_offers(db: &DatabaseConnection) -> Result<Vec<Offer>, StoreErr
         .await?)
 }
 
+/// The city of each of these orders that exists (order id → `city_id`).
+pub async fn order_cities(
+    db: &DatabaseConnection,
+    orders: &[i64],
+) -> Result<std::collections::HashMap<i64, i64>, StoreError> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in orders.chunks(500) {
+        let rows = order::Entity::find()
+            .filter(order::Column::Id.is_in(chunk.to_vec()))
+            .all(db)
+            .await?;
+        out.extend(rows.into_iter().map(|o| (o.id, o.city_id)));
+    }
+    Ok(out)
+}
+
 /// Drivers this order was offered to whose offer is open or ended after
 /// `since` (the cooldown: a driver that declined or let its offer expire
 /// is not offered the order again until `since` passes its decline).

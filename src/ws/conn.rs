@@ -120,7 +120,7 @@ pub async fn serve(
 
     let driver = (identity.role == Role::Driver).then_some(identity.driver_id);
     if let Some(d) = driver {
-        Box::pin(app.driver_socket_opened(d)).await;
+        Box::pin(app.driver_socket_opened(d, identity.city_id)).await;
     }
     app.hub.socket_opened();
     metrics::gauge!(m::SOCKETS_OPEN, "dialect" => dialect.as_str()).increment(1.0);
