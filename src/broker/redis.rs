@@ -1131,6 +1131,9 @@ const CATCH_UP: &str = "switchboard-catch-up";
 /// At most this many events are read back for one gap.
 const GAP_MAX: usize = 1000;
 
+/// Reads of one room a catch-up tries before leaving it to the gap fill.
+const CATCH_UP_TRIES: usize = 4;
+
 /// Rooms read at once by a catch-up (one round trip each, pipelined on the
 /// multiplexed connection).
 const CATCH_UP_WIDTH: usize = 256;
@@ -1249,7 +1252,45 @@ impl Tracker {
                 .collect()
         };
         let mut filled = 0usize;
-        for chunk in known.chunks(CATCH_UP_WIDTH) {
+        // A read can fail on a connection from before the outage (it is then
+        // replaced): those rooms are read again, a few times.
+        let rooms_n = known.len();
+        let mut todo = known;
+        for attempt in 1..=CATCH_UP_TRIES {
+            let mut failed = Vec::new();
+            filled += self.catch_up_pass(&todo, out, &mut failed).await;
+            if failed.is_empty() {
+                break;
+            }
+            if attempt == CATCH_UP_TRIES {
+                for (room, _) in &failed {
+                    tracing::warn!(%room, "subscription catch-up failed; the next live message shows the gap");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+            todo = failed;
+        }
+        if filled > 0 {
+            metrics::counter!(m::BROKER_FILLED).increment(filled as u64);
+            tracing::info!(
+                rooms = rooms_n,
+                events = filled,
+                "caught up from history after re-subscribing"
+            );
+        }
+    }
+
+    /// One read of each room for [`Tracker::catch_up`]; the rooms whose
+    /// read failed go to `failed`. Returns how many events it handed over.
+    async fn catch_up_pass(
+        &self,
+        rooms: &[(String, Option<StreamPos>)],
+        out: &mut Vec<Delivery>,
+        failed: &mut Vec<(String, Option<StreamPos>)>,
+    ) -> usize {
+        let mut filled = 0;
+        for chunk in rooms.chunks(CATCH_UP_WIDTH) {
             let reads = chunk
                 .iter()
                 .map(|(room, since)| self.since(room, since.as_ref()));
@@ -1275,19 +1316,13 @@ impl Tracker {
                         );
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, %room, "subscription catch-up failed")
+                        tracing::debug!(error = %e, %room, "subscription catch-up read failed");
+                        failed.push((room.clone(), since.clone()));
                     }
                 }
             }
         }
-        if filled > 0 {
-            metrics::counter!(m::BROKER_FILLED).increment(filled as u64);
-            tracing::info!(
-                rooms = known.len(),
-                events = filled,
-                "caught up from history after re-subscribing"
-            );
-        }
+        filled
     }
 
     /// The room's position and its entries after `since`; after an epoch

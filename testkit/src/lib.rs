@@ -33,8 +33,16 @@ impl RedisServer {
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
         };
-        r.restart();
-        r
+        // A port found free can be taken before the server binds it (by a
+        // parallel test's server, or as some client's ephemeral port): then
+        // another one.
+        for _ in 0..10 {
+            if r.launch() {
+                return r;
+            }
+            r.port = free_port();
+        }
+        panic!("redis-server did not start on any of 10 free ports");
     }
 
     pub fn url(&self) -> String {
@@ -48,6 +56,16 @@ impl RedisServer {
 
     /// (Re)starts the server on the same port and waits until it answers.
     pub fn restart(&mut self) {
+        assert!(
+            self.launch(),
+            "redis-server did not start again on port {}",
+            self.port
+        );
+    }
+
+    /// Starts the server on `self.port`; false when it exited instead (the
+    /// port was taken).
+    fn launch(&mut self) -> bool {
         assert!(self.child.is_none(), "redis-server already running");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -58,22 +76,14 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test-all installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.ping() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+        let mut child = child;
+        if !answers(&mut child, self.port) {
+            let _ = child.kill();
+            let _ = child.wait();
             return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        }
+        self.child = Some(child);
+        true
     }
 
     pub fn kill(&mut self) {
@@ -126,36 +136,39 @@ impl RedisCluster {
             _dir: dir,
         };
         for _ in 0..n {
-            let port = free_port();
-            let bus = free_port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                ])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--cluster-node-timeout", "1000"])
-                // A replica may take over whatever its replication lag.
-                .args(["--cluster-replica-validity-factor", "0"])
-                .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
-                .arg("--dir")
-                .arg(c._dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed (scripts/test-all installs it)");
+            let (port, child) = (0..10)
+                .find_map(|_| {
+                    let (port, bus) = (free_port(), free_port());
+                    let mut child = Command::new("redis-server")
+                        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                        .args([
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-port",
+                            &bus.to_string(),
+                        ])
+                        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                        .args(["--cluster-node-timeout", "1000"])
+                        // A replica may take over whatever its replication lag.
+                        .args(["--cluster-replica-validity-factor", "0"])
+                        .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
+                        .arg("--dir")
+                        .arg(c._dir.path())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("redis-server must be installed (scripts/test-all installs it)");
+                    if answers(&mut child, port) {
+                        return Some((port, child));
+                    }
+                    // The port was taken before the server bound it.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    None
+                })
+                .expect("a cluster node did not start on any of 10 free ports");
             c.ports.push(port);
             c.children.push(Some(child));
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for &p in &c.ports {
-            while !ping(p) {
-                assert!(Instant::now() < deadline, "redis-server {p} did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
         }
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
@@ -326,6 +339,28 @@ impl Drop for RedisCluster {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// Waits until the `redis-server` just spawned answers on `port`; false
+/// when it exited first (it could not bind). A PING answered while the
+/// child is gone came from somebody else's server on that port.
+fn answers(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        if ping(port) {
+            // A server that failed to bind exits at once.
+            std::thread::sleep(Duration::from_millis(30));
+            return matches!(child.try_wait(), Ok(None));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on {port} did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
