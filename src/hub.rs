@@ -62,6 +62,15 @@ impl Sink for Hub {
             batch.iter().map(|d| (d.room.as_str(), d.offset, &d.event)),
         )
     }
+    fn epoch_changed(&self, room: &str) {
+        let members: Vec<Arc<Outbox>> = read(self.shard(room))
+            .get(room)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for m in members {
+            m.forget_floor(room);
+        }
+    }
     fn wants(&self, room: &str) -> bool {
         self.has_room(room)
     }
@@ -245,6 +254,65 @@ mod tests {
         )
     }
 
+    /// Types of the frames queued on `o` (server text frames of < 126
+    /// bytes: a 2-byte header).
+    fn queued_types(o: &Outbox) -> Vec<String> {
+        o.take_queued()
+            .iter()
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
+                v["type"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    fn typed(room: &str, ty: &str) -> Event {
+        let mut e = ev(&[room]);
+        e.kind = EventKind::Custom {
+            ty: ty.into(),
+            data: json!({}),
+        };
+        e
+    }
+
+    #[test]
+    fn a_new_epoch_lifts_the_floor_of_the_last_resume() {
+        let hub = Hub::default();
+        let a = Outbox::new(1, Dialect::Events, 8, usize::MAX, None);
+        hub.add("r", &a);
+        // A resume gave the socket everything up to offset 7.
+        a.hold();
+        a.release(vec![("r".into(), 7)]);
+        hub.deliver("r", Some(3), &typed("r", "old-epoch-straggler"));
+        assert!(
+            queued_types(&a).is_empty(),
+            "at or below the floor: dropped"
+        );
+        // Redis restarted empty: offsets start over.
+        Sink::epoch_changed(&hub, "r");
+        hub.deliver("r", Some(1), &typed("r", "new-epoch"));
+        assert_eq!(queued_types(&a), vec!["new-epoch"]);
+    }
+
+    #[test]
+    fn a_failed_join_drops_only_that_rooms_held_frames() {
+        let hub = Hub::default();
+        let a = Outbox::new(1, Dialect::Events, 8, usize::MAX, None);
+        hub.add("kept", &a);
+        // join-room "failed" is under way: live frames are held.
+        a.hold();
+        hub.add("failed", &a);
+        hub.deliver("failed", Some(5), &typed("failed", "in-failed"));
+        hub.deliver("kept", Some(9), &typed("kept", "in-kept"));
+        hub.remove("failed", 1);
+        a.release_without("failed");
+        assert_eq!(
+            queued_types(&a),
+            vec!["in-kept"],
+            "the failed room's frame would come again with the next join's replay"
+        );
+    }
+
     #[test]
     fn multi_room_delivers_once() {
         let hub = Hub::default();
@@ -281,18 +349,8 @@ mod tests {
             ("r2", None, &both),
             ("r2", None, &second),
         ]);
-        let types = |o: &Outbox| -> Vec<String> {
-            o.take_queued()
-                .iter()
-                .map(|f| {
-                    // Server text frames of < 126 bytes: a 2-byte header.
-                    let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
-                    v["type"].as_str().unwrap().to_string()
-                })
-                .collect()
-        };
-        assert_eq!(types(&a), ["t", "second"]);
-        assert_eq!(types(&b), ["t", "second"]);
+        assert_eq!(queued_types(&a), ["t", "second"]);
+        assert_eq!(queued_types(&b), ["t", "second"]);
     }
 
     #[test]

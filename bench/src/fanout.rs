@@ -67,8 +67,10 @@ struct CpuCap {
 
 const CPU_CGROUP: &str = "/sys/fs/cgroup/cpu";
 /// A short CFS period: the capped process runs in small slices, not in
-/// 100 ms bursts followed by long throttled gaps.
+/// 100 ms bursts followed by long throttled gaps. The kernel's smallest
+/// quota is 1 ms, so a cap under 0.1 core gets a longer period.
 const CAP_PERIOD_US: u64 = 10_000;
+const MIN_QUOTA_US: u64 = 1_000;
 
 impl CpuCap {
     fn new(pid: u32, cores: f64) -> anyhow::Result<CpuCap> {
@@ -76,8 +78,9 @@ impl CpuCap {
         let dir = PathBuf::from(format!("{CPU_CGROUP}/switchboard-bench-{pid}"));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating {} (root and cgroup v1 needed)", dir.display()))?;
-        let quota = ((cores * CAP_PERIOD_US as f64) as u64).max(1000);
-        std::fs::write(dir.join("cpu.cfs_period_us"), CAP_PERIOD_US.to_string())?;
+        let period = CAP_PERIOD_US.max((MIN_QUOTA_US as f64 / cores).ceil() as u64);
+        let quota = (cores * period as f64) as u64;
+        std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
         std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
         std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
         Ok(CpuCap { dir, pid })

@@ -93,6 +93,10 @@ pub trait Sink: Send + Sync + 'static {
             self.deliver(&d.room, d.offset, &d.event);
         }
     }
+    /// `room`'s history started over (a new epoch: Redis restarted empty,
+    /// the history expired): its offsets start again from 1, so what a
+    /// socket was told of the old epoch's offsets no longer applies.
+    fn epoch_changed(&self, _room: &str) {}
     /// Whether this node still has a local member in `room`.
     fn wants(&self, room: &str) -> bool;
     /// Every room with a local member.

@@ -1188,6 +1188,7 @@ impl Tracker {
                     Some(t) => {
                         // A new epoch: its entries before this one were
                         // published while this node did not hear them.
+                        sink.epoch_changed(&d.room);
                         if o > 1 {
                             gaps.push((out.len(), d.room.clone(), 1, o - 1));
                         }
@@ -1258,7 +1259,7 @@ impl Tracker {
         let mut todo = known;
         for attempt in 1..=CATCH_UP_TRIES {
             let mut failed = Vec::new();
-            filled += self.catch_up_pass(&todo, out, &mut failed).await;
+            filled += self.catch_up_pass(sink, &todo, out, &mut failed).await;
             if failed.is_empty() {
                 break;
             }
@@ -1285,6 +1286,7 @@ impl Tracker {
     /// read failed go to `failed`. Returns how many events it handed over.
     async fn catch_up_pass(
         &self,
+        sink: &dyn Sink,
         rooms: &[(String, Option<StreamPos>)],
         out: &mut Vec<Delivery>,
         failed: &mut Vec<(String, Option<StreamPos>)>,
@@ -1299,6 +1301,9 @@ impl Tracker {
             for ((room, since), r) in chunk.iter().zip(results) {
                 match r {
                     Ok((pos, events)) => {
+                        if since.as_ref().is_some_and(|s| s.epoch != pos.epoch) {
+                            sink.epoch_changed(room);
+                        }
                         let last = events.last().map_or(pos.offset, |(o, _)| *o);
                         filled += events.len();
                         out.extend(events.into_iter().map(|(offset, event)| Delivery {

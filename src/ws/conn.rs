@@ -547,7 +547,7 @@ impl Session {
     fn undo_join(&mut self, room: &str) {
         self.rooms.retain(|r| r != room);
         self.app.leave(self.outbox.id, room);
-        self.outbox.release(Vec::new());
+        self.outbox.release_without(room);
     }
 
     /// The socket's loop, until it closes. Returns whether the backlog

@@ -322,6 +322,13 @@ impl Outbox {
         }
     }
 
+    /// `room`'s history has a new epoch: its offsets start over, so the
+    /// floor of the last resume (an old epoch's offset) must not drop them.
+    pub(crate) fn forget_floor(&self, room: &str) {
+        let mut out = self.lock();
+        out.floors.retain(|(r, _)| **r != *room);
+    }
+
     /// From now on live event frames wait until [`Outbox::release`];
     /// replies (connect message, replayed frames) still go out at once.
     pub(crate) fn hold(&self) {
@@ -336,6 +343,17 @@ impl Outbox {
     /// order, the rest are dropped, and later stragglers at or below it are
     /// dropped too.
     pub(crate) fn release(&self, floors: Vec<(String, u64)>) {
+        self.release_but(floors, None);
+    }
+
+    /// Ends a [`Outbox::hold`] for a join that failed: the held frames of
+    /// `room` are dropped (the socket is not in it: a `join-room` again
+    /// replays them), the rest go out.
+    pub(crate) fn release_without(&self, room: &str) {
+        self.release_but(Vec::new(), Some(room));
+    }
+
+    fn release_but(&self, floors: Vec<(String, u64)>, without: Option<&str>) {
         let mut out = self.lock();
         for (room, off) in floors {
             match out.floors.iter_mut().find(|(r, _)| **r == *room) {
@@ -351,6 +369,9 @@ impl Outbox {
         let mut first = false;
         let mut overflow = false;
         for h in held {
+            if without.is_some_and(|r| *r == *h.room) {
+                continue;
+            }
             match self.enqueue_event(&mut out, h.frame, &h.room, h.offset) {
                 Some(Queued::First) => first = true,
                 Some(_) => {}
