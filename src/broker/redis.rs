@@ -11,8 +11,10 @@
 //! reader task; the crate re-subscribes tracked channels after a reconnect
 //! or a slot move, and on a disconnection the subscriber also re-issues
 //! SSUBSCRIBE for every room it holds until that succeeds (readiness false
-//! meanwhile). Publishes are grouped per room: one pipeline per room and
-//! batch, the pipelines of a batch in flight together.
+//! meanwhile). Publishes go through `CLUSTER_LANES` publisher lanes (a
+//! room always takes the same one, so its events keep their order; a slow
+//! master holds up only its lanes' batches) and are grouped per room: one
+//! pipeline per room and batch, the pipelines of a batch in flight together.
 //!
 //! History (SPEC §10): a room's events live in the stream
 //! `{prefix}hist:{room}` (entry id `<offset>-0`, field `d` = the event JSON),
@@ -174,7 +176,10 @@ enum SubCmd {
 pub struct RedisBroker {
     names: RoomKeys,
     history: HistoryConfig,
-    pub_tx: mpsc::Sender<PubItem>,
+    /// The publisher lanes: one on a single Redis (one connection, one
+    /// order for every room), [`CLUSTER_LANES`] on a cluster (a room always
+    /// takes the same lane, so its events keep their order).
+    pub_tx: Vec<mpsc::Sender<PubItem>>,
     sub_tx: mpsc::UnboundedSender<SubCmd>,
     healthy: Arc<AtomicBool>,
     reader: Arc<History>,
@@ -246,7 +251,6 @@ impl RedisBroker {
         history: HistoryConfig,
     ) -> RedisBroker {
         let names = RoomKeys::new(prefix, redis.is_cluster());
-        let (pub_tx, pub_rx) = mpsc::channel(64 * 1024);
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
         let healthy = Arc::new(AtomicBool::new(false));
         let append_src = if names.cluster {
@@ -254,14 +258,21 @@ impl RedisBroker {
         } else {
             APPEND_LUA.to_string()
         };
-        let keys = HistoryKeys {
+        let keys = Arc::new(HistoryKeys {
             names: names.clone(),
             size: history.size.to_string(),
             ttl: history.ttl.as_secs().max(1).to_string(),
             append: redis::Script::new(&append_src),
             append_src,
-        };
-        tokio::spawn(run_publisher(redis.clone(), pub_rx, keys));
+        });
+        let lanes = if names.cluster { CLUSTER_LANES } else { 1 };
+        let pub_tx = (0..lanes)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(64 * 1024);
+                tokio::spawn(run_publisher(redis.clone(), rx, keys.clone()));
+                tx
+            })
+            .collect();
         let reader = Arc::new(History {
             hot: HotConn::new(redis.clone()),
             names: names.clone(),
@@ -383,25 +394,48 @@ impl Broker for RedisBroker {
             })
             .collect::<Vec<_>>();
         let n = ops.len() as u64;
-        let (done, rx) = oneshot::channel();
-        self.pub_tx
-            .send(PubItem {
-                ops,
-                payload,
-                id: event.id.clone(),
-                done,
-            })
-            .await
-            .map_err(|_| BrokerError::Unavailable("publisher stopped".into()))?;
-        match timeout(OP_TIMEOUT, rx).await {
-            Ok(Ok(Ok(()))) => {
-                metrics::counter!(m::BROKER_PUBLISHED).increment(n);
-                Ok(())
+        // Each lane's share of the rooms (all of them on one lane, the
+        // usual case and always on a single Redis).
+        let lanes = self.pub_tx.len();
+        let mut shares: Vec<(usize, Vec<PubOp>)> = Vec::with_capacity(1);
+        for op in ops {
+            let lane = if lanes == 1 {
+                0
+            } else {
+                lane_of(&op.room, lanes)
+            };
+            match shares.iter_mut().find(|(l, _)| *l == lane) {
+                Some((_, ops)) => ops.push(op),
+                None => shares.push((lane, vec![op])),
             }
-            Ok(Ok(Err(e))) => Err(BrokerError::Redis(e)),
-            Ok(Err(_)) => Err(BrokerError::Unavailable("publisher stopped".into())),
-            Err(_) => Err(BrokerError::Timeout),
         }
+        let mut answers = Vec::with_capacity(shares.len());
+        for (lane, ops) in shares {
+            let (done, rx) = oneshot::channel();
+            self.pub_tx[lane]
+                .send(PubItem {
+                    ops,
+                    payload: payload.clone(),
+                    id: event.id.clone(),
+                    done,
+                })
+                .await
+                .map_err(|_| BrokerError::Unavailable("publisher stopped".into()))?;
+            answers.push(rx);
+        }
+        let all = futures_util::future::join_all(answers);
+        let Ok(results) = timeout(OP_TIMEOUT, all).await else {
+            return Err(BrokerError::Timeout);
+        };
+        for r in results {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(BrokerError::Redis(e)),
+                Err(_) => return Err(BrokerError::Unavailable("publisher stopped".into())),
+            }
+        }
+        metrics::counter!(m::BROKER_PUBLISHED).increment(n);
+        Ok(())
     }
 
     async fn reconcile(&self, room: &str) -> Result<(), BrokerError> {
@@ -436,7 +470,20 @@ impl Broker for RedisBroker {
     }
 }
 
-async fn run_publisher(redis: Redis, mut rx: mpsc::Receiver<PubItem>, keys: HistoryKeys) {
+/// Publisher lanes on a cluster: each lane has one batch in flight, so a
+/// master that is slow to answer holds up only the batches of its lane,
+/// not every publish of the node.
+const CLUSTER_LANES: usize = 8;
+
+/// A room's lane (FNV-1a of its name): always the same for a room.
+fn lane_of(room: &str, lanes: usize) -> usize {
+    let h = room.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (h % lanes as u64) as usize
+}
+
+async fn run_publisher(redis: Redis, mut rx: mpsc::Receiver<PubItem>, keys: Arc<HistoryKeys>) {
     let mut conn: Option<Conn> = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {

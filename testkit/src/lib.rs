@@ -112,8 +112,9 @@ impl Drop for RedisServer {
 /// A real Redis Cluster of our own: `masters` masters and `replicas`
 /// replicas per master, each a `redis-server --cluster-enabled yes` on free
 /// ports (client and bus port), joined by `redis-cli --cluster create`;
-/// ready when every node reports `cluster_state:ok`. Every process is
-/// SIGKILLed on drop.
+/// ready when every node reports `cluster_state:ok` (one master with no
+/// replica takes every slot itself: `redis-cli` wants three nodes at least).
+/// Every process is SIGKILLed on drop.
 pub struct RedisCluster {
     /// Client ports, in the order given to `redis-cli --cluster create`
     /// (the masters first).
@@ -170,18 +171,28 @@ impl RedisCluster {
             c.ports.push(port);
             c.children.push(Some(child));
         }
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(c.ports.iter().map(|p| format!("127.0.0.1:{p}")))
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .expect("redis-cli must be installed");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if n == 1 {
+            // `redis-cli --cluster create` wants 3 masters at least: one
+            // master takes every slot by itself (a benchmark's baseline).
+            c.on(
+                c.ports[0],
+                redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383),
+            )
+            .expect("CLUSTER ADDSLOTSRANGE on the only master");
+        } else {
+            let out = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(c.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+                .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+                .output()
+                .expect("redis-cli must be installed");
+            assert!(
+                out.status.success(),
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         c.wait_ok(Duration::from_secs(30));
         // Every replica has synced with its master (a failover test kills
         // one). A node that is still a bare master counts as nothing: right
