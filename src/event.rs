@@ -84,6 +84,12 @@ pub struct StreamPos {
     pub offset: u64,
 }
 
+/// An epoch as a number, for comparing cheaply (every epoch is 16 hex
+/// digits, see `broker::new_epoch`; anything else is 0).
+pub fn epoch_id(epoch: &str) -> u64 {
+    u64::from_str_radix(epoch, 16).unwrap_or(0)
+}
+
 /// What a resume of one room came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recovery {

@@ -62,13 +62,13 @@ impl Sink for Hub {
             batch.iter().map(|d| (d.room.as_str(), d.offset, &d.event)),
         )
     }
-    fn epoch_changed(&self, room: &str) {
+    fn epoch_changed(&self, room: &str, epoch: u64) {
         let members: Vec<Arc<Outbox>> = read(self.shard(room))
             .get(room)
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
         for m in members {
-            m.forget_floor(room);
+            m.forget_floor(room, epoch);
         }
     }
     fn wants(&self, room: &str) -> bool {
@@ -282,14 +282,19 @@ mod tests {
         hub.add("r", &a);
         // A resume gave the socket everything up to offset 7.
         a.hold();
-        a.release(vec![("r".into(), 7)]);
+        a.release(vec![("r".into(), 0xe1, 7)]);
         hub.deliver("r", Some(3), &typed("r", "old-epoch-straggler"));
         assert!(
             queued_types(&a).is_empty(),
             "at or below the floor: dropped"
         );
+        // The same epoch reported again (a node's catch-up that ends after
+        // the socket resumed in it) keeps the floor.
+        Sink::epoch_changed(&hub, "r", 0xe1);
+        hub.deliver("r", Some(4), &typed("r", "replayed-already"));
+        assert!(queued_types(&a).is_empty(), "this epoch's floor stays");
         // Redis restarted empty: offsets start over.
-        Sink::epoch_changed(&hub, "r");
+        Sink::epoch_changed(&hub, "r", 0xe2);
         hub.deliver("r", Some(1), &typed("r", "new-epoch"));
         assert_eq!(queued_types(&a), vec!["new-epoch"]);
     }

@@ -1098,11 +1098,20 @@ pub(crate) struct Totals {
     pub(crate) errors: BTreeMap<String, u64>,
     /// The first few anomalies, spelled out.
     pub(crate) samples: Vec<String>,
+    dups_sampled: usize,
 }
 
 impl Totals {
     fn sample(&mut self, what: String) {
         if self.samples.len() < 10 {
+            self.samples.push(what);
+        }
+    }
+
+    /// A duplicate: kept (up to 10) even when losses filled `samples`.
+    fn sample_dup(&mut self, what: String) {
+        if self.dups_sampled < 10 {
+            self.dups_sampled += 1;
             self.samples.push(what);
         }
     }
@@ -1149,7 +1158,7 @@ impl Totals {
         for (id, n) in &count {
             if *n > 1 {
                 let rooms = by_id.get(id).map(|e| e.rooms.clone()).unwrap_or_default();
-                self.sample(format!(
+                self.sample_dup(format!(
                     "socket {} ({}) got event {id} (to {rooms:?}) {n} times, through {:?}",
                     spec.idx,
                     spec.dialect.name(),

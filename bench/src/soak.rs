@@ -758,7 +758,18 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
             lost.unexplained_by_minute
         );
     }
-    for line in lost.samples.iter().chain(&t.samples).take(24) {
+    // Duplicates first (`Totals` keeps up to 10 of them whatever the
+    // losses), then the losses.
+    let (dups, others): (Vec<&String>, Vec<&String>) = t
+        .samples
+        .iter()
+        .partition(|l| l.contains(" times, through "));
+    for line in dups
+        .into_iter()
+        .chain(lost.samples.iter())
+        .chain(others)
+        .take(30)
+    {
         println!("  ! {line}");
     }
     if !quiet {

@@ -93,10 +93,11 @@ pub trait Sink: Send + Sync + 'static {
             self.deliver(&d.room, d.offset, &d.event);
         }
     }
-    /// `room`'s history started over (a new epoch: Redis restarted empty,
-    /// the history expired): its offsets start again from 1, so what a
-    /// socket was told of the old epoch's offsets no longer applies.
-    fn epoch_changed(&self, _room: &str) {}
+    /// `room`'s history started over as `epoch` ([`crate::event::epoch_id`]
+    /// of it: Redis restarted empty, the history expired): its offsets start
+    /// again from 1, so what a socket was told of an older epoch's offsets
+    /// no longer applies.
+    fn epoch_changed(&self, _room: &str, _epoch: u64) {}
     /// Whether this node still has a local member in `room`.
     fn wants(&self, room: &str) -> bool;
     /// Every room with a local member.

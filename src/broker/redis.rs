@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Broker, BrokerError, Delivery, Replay, Sink, new_epoch};
 use crate::config::HistoryConfig;
-use crate::event::{Event, StreamPos};
+use crate::event::{Event, StreamPos, epoch_id};
 use crate::lock::lock;
 use crate::metrics as m;
 use crate::redis_conn::{Conn, HotConn, Redis, RedisError, timed};
@@ -590,12 +590,6 @@ fn split_position(payload: &[u8]) -> (Option<(u64, u64)>, &[u8]) {
         return (Some((off, epoch)), &payload[sp + 1..]);
     }
     (None, payload)
-}
-
-/// An epoch as the tracker compares it (every epoch is [`new_epoch`]'s 16
-/// hex digits; anything else compares as 0).
-fn epoch_of(s: &str) -> u64 {
-    u64::from_str_radix(s, 16).unwrap_or(0)
 }
 
 /// A live message for the [`Tracker`]: the delivery, and the epoch its
@@ -1235,7 +1229,7 @@ impl Tracker {
                     Some(t) => {
                         // A new epoch: its entries before this one were
                         // published while this node did not hear them.
-                        sink.epoch_changed(&d.room);
+                        sink.epoch_changed(&d.room, e);
                         if o > 1 {
                             gaps.push((out.len(), d.room.clone(), 1, o - 1));
                         }
@@ -1349,7 +1343,7 @@ impl Tracker {
                 match r {
                     Ok((pos, events)) => {
                         if since.as_ref().is_some_and(|s| s.epoch != pos.epoch) {
-                            sink.epoch_changed(room);
+                            sink.epoch_changed(room, epoch_id(&pos.epoch));
                         }
                         let last = events.last().map_or(pos.offset, |(o, _)| *o);
                         filled += events.len();
@@ -1361,7 +1355,7 @@ impl Tracker {
                         t.insert(
                             room.clone(),
                             Track {
-                                epoch: epoch_of(&pos.epoch),
+                                epoch: epoch_id(&pos.epoch),
                                 last,
                                 delivered: since.is_some(),
                             },
@@ -1414,7 +1408,7 @@ impl Tracker {
                     match r {
                         Ok((pos, _)) => {
                             t.entry(room.clone()).or_insert(Track {
-                                epoch: epoch_of(&pos.epoch),
+                                epoch: epoch_id(&pos.epoch),
                                 last: pos.offset,
                                 delivered: false,
                             });

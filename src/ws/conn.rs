@@ -30,7 +30,7 @@ use super::outbox::{Outbox, Wire, close_code, goodbye};
 use crate::auth::{AuthError, Identity, Role};
 use crate::broker::{Broker, BrokerError, Replay};
 use crate::domain::DomainError;
-use crate::event::{Event, Recovery, StreamPos};
+use crate::event::{Event, Recovery, StreamPos, epoch_id};
 use crate::metrics as m;
 use crate::node::app::App;
 
@@ -313,7 +313,8 @@ struct Resumed {
     positions: Vec<(String, StreamPos)>,
     recovery: Vec<(String, Recovery)>,
     replay: Vec<(String, u64, Event)>,
-    floors: Vec<(String, u64)>,
+    /// (room, epoch id, offset) of each room's position.
+    floors: Vec<(String, u64, u64)>,
 }
 
 /// The `since` query parameter of an upgrade (SPEC §10).
@@ -457,7 +458,8 @@ impl Session {
             metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
             into.recovery.push((room.to_string(), rec));
         }
-        into.floors.push((room.to_string(), pos.offset));
+        into.floors
+            .push((room.to_string(), epoch_id(&pos.epoch), pos.offset));
         into.positions.push((room.to_string(), pos));
         into.replay
             .extend(events.into_iter().map(|(o, e)| (room.to_string(), o, e)));

@@ -159,6 +159,15 @@ pub struct Outbox {
     cap_bytes: usize,
 }
 
+/// A room's floor after a resume: live frames of the room at or below
+/// `offset` are what the socket already has, in history epoch `epoch`
+/// ([`crate::event::epoch_id`]).
+struct Floor {
+    room: Box<str>,
+    epoch: u64,
+    offset: u64,
+}
+
 #[derive(Default)]
 struct Out {
     queue: VecDeque<Bytes>,
@@ -176,7 +185,7 @@ struct Out {
     /// (replayed, or before the position it was told). A live frame at or
     /// below it is one the socket must not get again; the first one above
     /// it retires the floor (a room's frames arrive in offset order).
-    floors: Vec<(Box<str>, u64)>,
+    floors: Vec<Floor>,
 }
 
 /// A live event frame held during set-up.
@@ -293,9 +302,9 @@ impl Outbox {
             return Some(Queued::Behind);
         }
         if let Some(off) = offset
-            && let Some(i) = out.floors.iter().position(|(r, _)| **r == *room)
+            && let Some(i) = out.floors.iter().position(|f| *f.room == *room)
         {
-            if off <= out.floors[i].1 {
+            if off <= out.floors[i].offset {
                 return Some(Queued::Refused);
             }
             out.floors.swap_remove(i);
@@ -322,11 +331,12 @@ impl Outbox {
         }
     }
 
-    /// `room`'s history has a new epoch: its offsets start over, so the
-    /// floor of the last resume (an old epoch's offset) must not drop them.
-    pub(crate) fn forget_floor(&self, room: &str) {
+    /// `room`'s history is in epoch `epoch` now: a floor of another epoch
+    /// (an offset the new epoch's, starting over, would fall below) goes; a
+    /// floor of this epoch stays (the socket resumed in it).
+    pub(crate) fn forget_floor(&self, room: &str, epoch: u64) {
         let mut out = self.lock();
-        out.floors.retain(|(r, _)| **r != *room);
+        out.floors.retain(|f| *f.room != *room || f.epoch == epoch);
     }
 
     /// From now on live event frames wait until [`Outbox::release`];
@@ -342,7 +352,7 @@ impl Outbox {
     /// socket has; held frames above it (or without one) go out in arrival
     /// order, the rest are dropped, and later stragglers at or below it are
     /// dropped too.
-    pub(crate) fn release(&self, floors: Vec<(String, u64)>) {
+    pub(crate) fn release(&self, floors: Vec<(String, u64, u64)>) {
         self.release_but(floors, None);
     }
 
@@ -353,12 +363,23 @@ impl Outbox {
         self.release_but(Vec::new(), Some(room));
     }
 
-    fn release_but(&self, floors: Vec<(String, u64)>, without: Option<&str>) {
+    fn release_but(&self, floors: Vec<(String, u64, u64)>, without: Option<&str>) {
         let mut out = self.lock();
-        for (room, off) in floors {
-            match out.floors.iter_mut().find(|(r, _)| **r == *room) {
-                Some(f) => f.1 = f.1.max(off),
-                None => out.floors.push((room.into(), off)),
+        for (room, epoch, offset) in floors {
+            match out.floors.iter_mut().find(|f| *f.room == *room) {
+                Some(f) if f.epoch == epoch => f.offset = f.offset.max(offset),
+                Some(f) => {
+                    *f = Floor {
+                        room: room.into(),
+                        epoch,
+                        offset,
+                    }
+                }
+                None => out.floors.push(Floor {
+                    room: room.into(),
+                    epoch,
+                    offset,
+                }),
             }
         }
         let Some(held) = out.held.take() else {
