@@ -1218,3 +1218,52 @@ async fn redis_cluster_subscriber_catches_up_a_quiet_room() {
     assert_nothing_else(&b, &mut rx_b, "q", "after the catch-up").await;
     eprintln!("{in_window} publishes while B had no sharded subscription, all delivered");
 }
+
+/// A room a node stopped wanting while Redis was down (its member left
+/// during the outage) keeps no track: when a member joins it again later,
+/// the node starts it from now. Before, the old epoch's track made the
+/// first live message of the new epoch look like a gap, and the node
+/// replayed the room's whole new epoch to the new member (the soak's
+/// duplicates after a Redis restart).
+#[tokio::test]
+async fn a_room_left_during_an_outage_starts_afresh_when_joined_again() {
+    init_tracing();
+    let mut redis = RedisServer::start();
+    let setup = RedisSetup::new(&redis);
+    let (sink_a, _rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("af:", sink_a.clone());
+    let b = setup.broker("af:", sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    sink_b.want("r", true);
+    b.reconcile("r").await.unwrap();
+    for n in 1..=3 {
+        a.publish(Arc::new(custom(&["r"], n))).await.unwrap();
+        next(&mut rx_b, "before the outage").await;
+    }
+    redis.kill();
+    // The room's last member on B leaves while Redis is down.
+    sink_b.want("r", false);
+    let _ = b.reconcile("r").await;
+    redis.restart();
+    wait_healthy(&b, true).await;
+    // The new epoch gets events B does not listen to.
+    for n in 10..=14 {
+        while a.publish(Arc::new(custom(&["r"], n))).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A member joins again: only what is published from now on.
+    sink_b.want("r", true);
+    b.reconcile("r").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let live = custom(&["r"], 20);
+    a.publish(Arc::new(live.clone())).await.unwrap();
+    assert_eq!(
+        next(&mut rx_b, "the first event after the join").await,
+        ("r".into(), live),
+        "history from before the join was handed over"
+    );
+    assert_nothing_else(&b, &mut rx_b, "r", "after the join").await;
+}

@@ -678,6 +678,9 @@ impl Subscriber {
         let (mut psink, mut stream) = pubsub.split();
         let mut subscribed: HashSet<String> = HashSet::new();
         let wanted = self.sink.rooms();
+        // Rooms left while nobody listened lose their tracks: a later
+        // subscribe starts them afresh.
+        self.tracker.keep_only(&wanted);
         if !wanted.is_empty() {
             let chans: Vec<String> = wanted.iter().map(|r| self.channel(r)).collect();
             timeout(OP_TIMEOUT, psink.subscribe(chans))
@@ -778,6 +781,10 @@ impl Subscriber {
                     to_unsub.push(room);
                 }
             }
+            // A room subscribed afresh starts from now: an old track (from
+            // before the node left it) would make its first message look
+            // like a gap and replay history the members already have.
+            self.tracker.forget(&to_sub);
             let start = Instant::now();
             let result = async {
                 if !to_sub.is_empty() {
@@ -1054,6 +1061,12 @@ impl Subscriber {
             .filter(|r| self.sink.wants(r))
             .cloned()
             .collect();
+        let fresh: Vec<String> = want
+            .iter()
+            .filter(|r| !subscribed.contains(*r))
+            .cloned()
+            .collect();
+        self.tracker.forget(&fresh);
         let r = async {
             let c = Self::cluster_conn(client, conn).await?;
             Self::cluster_cmd(&c, true, want.iter().map(|r| self.channel(r)).collect()).await
@@ -1095,6 +1108,7 @@ impl Subscriber {
         if to_sub.is_empty() && to_unsub.is_empty() {
             return Ok(());
         }
+        self.tracker.forget(&to_sub);
         let r = async {
             let c = Self::cluster_conn(client, conn).await?;
             if !to_sub.is_empty() {
@@ -1420,7 +1434,13 @@ impl Tracker {
         });
     }
 
-    /// Rooms this node left.
+    /// Forgets every room but `rooms` (the ones subscribed again).
+    fn keep_only(&self, rooms: &[String]) {
+        let keep: HashSet<&str> = rooms.iter().map(String::as_str).collect();
+        lock(&self.rooms).retain(|r, _| keep.contains(r.as_str()));
+    }
+
+    /// Rooms this node left, or subscribes afresh.
     fn forget(&self, rooms: &[String]) {
         if rooms.is_empty() {
             return;
