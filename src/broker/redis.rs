@@ -394,21 +394,22 @@ impl Broker for RedisBroker {
             })
             .collect::<Vec<_>>();
         let n = ops.len() as u64;
-        // Each lane's share of the rooms (all of them on one lane, the
-        // usual case and always on a single Redis).
+        // Each lane's share of the rooms: on a single Redis (one lane) the
+        // ops as they are.
         let lanes = self.pub_tx.len();
-        let mut shares: Vec<(usize, Vec<PubOp>)> = Vec::with_capacity(1);
-        for op in ops {
-            let lane = if lanes == 1 {
-                0
-            } else {
-                lane_of(&op.room, lanes)
-            };
-            match shares.iter_mut().find(|(l, _)| *l == lane) {
-                Some((_, ops)) => ops.push(op),
-                None => shares.push((lane, vec![op])),
+        let shares: Vec<(usize, Vec<PubOp>)> = if lanes == 1 {
+            vec![(0, ops)]
+        } else {
+            let mut shares: Vec<(usize, Vec<PubOp>)> = Vec::new();
+            for op in ops {
+                let lane = lane_of(&op.room, lanes);
+                match shares.iter_mut().find(|(l, _)| *l == lane) {
+                    Some((_, ops)) => ops.push(op),
+                    None => shares.push((lane, vec![op])),
+                }
             }
-        }
+            shares
+        };
         let mut answers = Vec::with_capacity(shares.len());
         for (lane, ops) in shares {
             let (done, rx) = oneshot::channel();
@@ -635,6 +636,25 @@ impl Subscriber {
         self.names.channel(room)
     }
 
+    /// Of the `touched` rooms, those to subscribe (wanted, not held) and
+    /// to unsubscribe (held, no longer wanted).
+    fn changes(
+        &self,
+        touched: HashSet<String>,
+        subscribed: &HashSet<String>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut to_sub = Vec::new();
+        let mut to_unsub = Vec::new();
+        for room in touched {
+            match (self.sink.wants(&room), subscribed.contains(&room)) {
+                (true, false) => to_sub.push(room),
+                (false, true) => to_unsub.push(room),
+                _ => {}
+            }
+        }
+        (to_sub, to_unsub)
+    }
+
     async fn run(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
         let mut generation = 0u64;
         let mut backoff = Duration::from_millis(50);
@@ -770,17 +790,7 @@ impl Subscriber {
                     SubCmd::Lost(_) => {}
                 }
             }
-            let mut to_sub = Vec::new();
-            let mut to_unsub = Vec::new();
-            for room in touched {
-                let want = self.sink.wants(&room);
-                let have = subscribed.contains(&room);
-                if want && !have {
-                    to_sub.push(room);
-                } else if !want && have {
-                    to_unsub.push(room);
-                }
-            }
+            let (to_sub, to_unsub) = self.changes(touched, &subscribed);
             // A room subscribed afresh starts from now: an old track (from
             // before the node left it) would make its first message look
             // like a gap and replay history the members already have.
@@ -1094,17 +1104,7 @@ impl Subscriber {
         subscribed: &mut HashSet<String>,
         touched: HashSet<String>,
     ) -> Result<(), RedisError> {
-        let mut to_sub = Vec::new();
-        let mut to_unsub = Vec::new();
-        for room in touched {
-            let want = self.sink.wants(&room);
-            let have = subscribed.contains(&room);
-            if want && !have {
-                to_sub.push(room);
-            } else if !want && have {
-                to_unsub.push(room);
-            }
-        }
+        let (to_sub, to_unsub) = self.changes(touched, subscribed);
         if to_sub.is_empty() && to_unsub.is_empty() {
             return Ok(());
         }
@@ -1207,12 +1207,10 @@ impl Tracker {
                     out.push(d);
                     continue;
                 };
-                if !sink.wants(&d.room) {
-                    rooms.remove(&d.room);
-                    out.push(d);
-                    continue;
-                }
+                // Tracks go when the node unsubscribes: a tracked room is
+                // wanted, and only a room's first message asks the hub.
                 match rooms.get_mut(&d.room) {
+                    None if !sink.wants(&d.room) => {}
                     None => {
                         rooms.insert(
                             d.room.clone(),

@@ -342,6 +342,23 @@ impl RedisIndex {
         Ok(c)
     }
 
+    /// One command on the shared connection, timed as `op`; `write`: the
+    /// city whose partition it writes (registered first on a cluster).
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        write: Option<i64>,
+        cmd: &redis::Cmd,
+    ) -> Result<T, IndexError> {
+        let mut c = match write {
+            Some(city) => self.conn_for_write(city).await?,
+            None => self.conn().await?,
+        };
+        timed(op, cmd.query_async(&mut c))
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
     /// A failed command drops the shared connection (the next takes a fresh one).
     fn fail(&self, e: RedisError) -> IndexError {
         self.hot.broken();
@@ -417,17 +434,9 @@ impl DriverIndex for RedisIndex {
         driver_id: i64,
         available: bool,
     ) -> Result<(), IndexError> {
-        let mut c = self.conn_for_write(city).await?;
-        let cmd = if available { "SREM" } else { "SADD" };
-        timed(
-            "driver_status",
-            redis::cmd(cmd)
-                .arg(&self.parts.of(city).off)
-                .arg(driver_id)
-                .exec_async(&mut c),
-        )
-        .await
-        .map_err(|e| self.fail(e))
+        let mut cmd = redis::cmd(if available { "SREM" } else { "SADD" });
+        cmd.arg(&self.parts.of(city).off).arg(driver_id);
+        self.run("driver_status", Some(city), &cmd).await
     }
 
     async fn nearest(
@@ -475,16 +484,9 @@ impl DriverIndex for RedisIndex {
     }
 
     async fn position(&self, city: i64, driver_id: i64) -> Result<Option<(f64, f64)>, IndexError> {
-        let mut c = self.conn().await?;
-        let pos: Vec<Option<(f64, f64)>> = timed(
-            "geo_pos",
-            redis::cmd("GEOPOS")
-                .arg(&self.parts.of(city).geo)
-                .arg(driver_id)
-                .query_async(&mut c),
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
+        let mut cmd = redis::cmd("GEOPOS");
+        cmd.arg(&self.parts.of(city).geo).arg(driver_id);
+        let pos: Vec<Option<(f64, f64)>> = self.run("geo_pos", None, &cmd).await?;
         Ok(pos
             .into_iter()
             .next()
@@ -530,16 +532,9 @@ impl DriverIndex for RedisIndex {
     }
 
     async fn offline(&self, city: i64, driver_id: i64) -> Result<(), IndexError> {
-        let mut c = self.conn().await?;
-        timed(
-            "presence",
-            redis::cmd("ZREM")
-                .arg(&self.parts.of(city).sock)
-                .arg(driver_id)
-                .exec_async(&mut c),
-        )
-        .await
-        .map_err(|e| self.fail(e))
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(&self.parts.of(city).sock).arg(driver_id);
+        self.run("presence", None, &cmd).await
     }
 
     async fn wait_order(
@@ -549,31 +544,18 @@ impl DriverIndex for RedisIndex {
         lat: f64,
         lon: f64,
     ) -> Result<(), IndexError> {
-        let mut c = self.conn_for_write(city).await?;
-        timed(
-            "waiting",
-            redis::cmd("GEOADD")
-                .arg(&self.parts.of(city).waiting)
-                .arg(lon)
-                .arg(lat)
-                .arg(order_id)
-                .exec_async(&mut c),
-        )
-        .await
-        .map_err(|e| self.fail(e))
+        let mut cmd = redis::cmd("GEOADD");
+        cmd.arg(&self.parts.of(city).waiting)
+            .arg(lon)
+            .arg(lat)
+            .arg(order_id);
+        self.run("waiting", Some(city), &cmd).await
     }
 
     async fn unwait_order(&self, city: i64, order_id: i64) -> Result<(), IndexError> {
-        let mut c = self.conn().await?;
-        timed(
-            "waiting",
-            redis::cmd("ZREM")
-                .arg(&self.parts.of(city).waiting)
-                .arg(order_id)
-                .exec_async(&mut c),
-        )
-        .await
-        .map_err(|e| self.fail(e))
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(&self.parts.of(city).waiting).arg(order_id);
+        self.run("waiting", None, &cmd).await
     }
 
     async fn waiting_near(
@@ -583,23 +565,17 @@ impl DriverIndex for RedisIndex {
         lon: f64,
         radius_km: f64,
     ) -> Result<Vec<i64>, IndexError> {
-        let mut c = self.conn().await?;
-        timed(
-            "waiting",
-            redis::cmd("GEOSEARCH")
-                .arg(&self.parts.of(city).waiting)
-                .arg("FROMLONLAT")
-                .arg(lon)
-                .arg(lat)
-                .arg("BYRADIUS")
-                .arg(radius_km)
-                .arg("km")
-                .arg("ASC")
-                .arg("COUNT")
-                .arg(WAITING_NEAR)
-                .query_async(&mut c),
-        )
-        .await
-        .map_err(|e| self.fail(e))
+        let mut cmd = redis::cmd("GEOSEARCH");
+        cmd.arg(&self.parts.of(city).waiting)
+            .arg("FROMLONLAT")
+            .arg(lon)
+            .arg(lat)
+            .arg("BYRADIUS")
+            .arg(radius_km)
+            .arg("km")
+            .arg("ASC")
+            .arg("COUNT")
+            .arg(WAITING_NEAR);
+        self.run("waiting", None, &cmd).await
     }
 }
