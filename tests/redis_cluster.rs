@@ -500,6 +500,26 @@ async fn cities_are_partitions_on_their_own_masters() {
         );
         assert!(left.is_empty(), "{left:?}");
     }
+
+    // An admin assigns the city-2 driver, now 1.1 km north of the pickup,
+    // to the city-1 order: the offer's distance comes from the driver's own
+    // partition (it used to be looked up in the order's city only: 0 km).
+    locate(a, &two, 41.3103, 69.24).await;
+    let (s, body) = call(
+        b,
+        "PATCH",
+        &format!("/api/orders/{order}"),
+        &admin(),
+        Some(json!({"driver_id": 502})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let offered = d2.recv_type("new_order").await;
+    assert_eq!(offered["order"]["id"], order);
+    let km = offered["order"]["distance_to_pickup_km"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no distance in {offered}"));
+    assert!((km - 1.11).abs() < 0.02, "distance {km} km, want 1.11");
 }
 
 /// A master failover under a stream of publishes, with real sockets: the

@@ -350,9 +350,10 @@ pub async fn assign(ctx: &Ctx, order: &Order, driver_id: i64) -> Result<Offer, D
         )));
     }
     cancel_offers(ctx, order, EXPIRED_MESSAGE).await?;
-    // On a cluster the driver's position is looked up in the order's city.
-    let distance = pickup_distance(order, ctx.drivers.position(order.city_id, driver_id).await?)
-        .unwrap_or(0.0);
+    // On a cluster the driver is looked up in the order's city first, then
+    // in the others (an admin may assign a driver of another city).
+    let distance =
+        pickup_distance(order, ctx.drivers.locate(order.city_id, driver_id).await?).unwrap_or(0.0);
     let expires = offer_deadline(ctx);
     let offer = store::create_offer(
         &ctx.db,

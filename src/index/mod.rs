@@ -119,6 +119,16 @@ pub trait DriverIndex: Send + Sync + 'static {
         city: i64,
         driver_id: i64,
     ) -> impl Future<Output = Result<Option<(f64, f64)>, IndexError>> + Send;
+    /// The driver's position in `city` or, on an index partitioned by
+    /// city, in any other city it reported in (an admin's assignment of a
+    /// driver of another city). Unpartitioned: [`DriverIndex::position`].
+    fn locate(
+        &self,
+        city: i64,
+        driver_id: i64,
+    ) -> impl Future<Output = Result<Option<(f64, f64)>, IndexError>> + Send {
+        self.position(city, driver_id)
+    }
     /// The drivers are online `via` for `ttl` from now (never shortening a
     /// longer presence of the same kind). Returns those that were offline
     /// before (by either kind): they just came online.
@@ -208,6 +218,12 @@ impl DriverIndex for AnyIndex {
         match self {
             AnyIndex::Memory(i) => i.position(city, driver_id).await,
             AnyIndex::Redis(i) => i.position(city, driver_id).await,
+        }
+    }
+    async fn locate(&self, city: i64, driver_id: i64) -> Result<Option<(f64, f64)>, IndexError> {
+        match self {
+            AnyIndex::Memory(i) => i.locate(city, driver_id).await,
+            AnyIndex::Redis(i) => i.locate(city, driver_id).await,
         }
     }
     async fn online(
@@ -471,6 +487,14 @@ mod contract {
         assert!(i.waiting_near(2, 50.0, 30.0, 1.0).await.unwrap().is_empty());
         assert!(i.position(2, 51).await.unwrap().is_some());
         assert_eq!(i.position(1, 51).await.unwrap().is_none(), partitioned);
+        // Located from any city (the order's city comes first).
+        // (GEO positions come back within a few cm.)
+        let close = |p: Option<(f64, f64)>| {
+            p.is_some_and(|(lat, lon)| (lat - 50.0).abs() < 1e-5 && (lon - 30.0).abs() < 1e-5)
+        };
+        assert!(close(i.locate(1, 51).await.unwrap()), "51 from city 1");
+        assert!(close(i.locate(2, 50).await.unwrap()), "50 from city 2");
+        assert_eq!(i.locate(1, 52).await.unwrap(), None, "never reported");
     }
 
     #[tokio::test]

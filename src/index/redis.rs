@@ -494,6 +494,32 @@ impl DriverIndex for RedisIndex {
             .map(|(lon, lat)| (lat, lon)))
     }
 
+    async fn locate(&self, city: i64, driver_id: i64) -> Result<Option<(f64, f64)>, IndexError> {
+        if let Some(p) = self.position(city, driver_id).await? {
+            return Ok(Some(p));
+        }
+        if !self.parts.keys.cluster {
+            return Ok(None);
+        }
+        // The other cities' partitions, in flight together.
+        let mut c = self.conn().await?;
+        let others: Vec<i64> = self
+            .parts
+            .scope(&mut c, Scope::All)
+            .await
+            .map_err(|e| self.fail(e))?
+            .into_iter()
+            .filter(|p| *p != city)
+            .collect();
+        let found = join_all(others.iter().map(|p| self.position(*p, driver_id))).await;
+        for f in found {
+            if let Some(p) = f? {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+
     async fn online(
         &self,
         city: i64,
