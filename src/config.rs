@@ -36,7 +36,8 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "0.0.0.0:3000")]
     pub listen: String,
     /// Redis URL; unset = embedded single-node mode. A Redis Cluster is
-    /// `redis+cluster://host:port[,host:port…]` (seed nodes).
+    /// `redis+cluster://host:port[,host:port…]` (seed nodes;
+    /// `rediss+cluster://` over TLS).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Database URL (SQLite or PostgreSQL).
@@ -411,13 +412,18 @@ impl Config {
             .parse()
             .map_err(|e| invalid("SWITCHBOARD_LISTEN", format!("{:?}: {e}", s.listen)))?;
         if let Some(url) = &s.redis_url
-            && !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+cluster://"))
+            && ![
+                "redis://",
+                "rediss://",
+                "redis+cluster://",
+                "rediss+cluster://",
+            ]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
         {
             return Err(invalid(
                 "REDIS_URL",
-                "must start with redis://, rediss:// or redis+cluster://",
+                "must start with redis://, rediss://, redis+cluster:// or rediss+cluster://",
             ));
         }
         if !(s.database_url.starts_with("sqlite:")
@@ -730,6 +736,7 @@ mod tests {
             "redis://127.0.0.1:6379/",
             "rediss://redis.example:6380/",
             "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+            "rediss+cluster://10.0.0.1:7000,10.0.0.2:7000",
         ] {
             let s = Settings {
                 redis_url: Some(ok.into()),

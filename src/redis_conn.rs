@@ -7,7 +7,10 @@
 //!
 //! `REDIS_URL=redis+cluster://host:port[,host:port…][/?query]` selects
 //! cluster mode (SPEC §12): every `host:port` is a seed node, the query
-//! (e.g. `password=…`) applies to every node.
+//! (e.g. `password=…`) applies to every node. `rediss+cluster://` is the
+//! same over TLS, as `rediss://` is for one Redis: the server's
+//! certificate is checked against the system's roots (rustls-native-certs,
+//! so `SSL_CERT_FILE` / `SSL_CERT_DIR` can name a private CA).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -43,13 +46,20 @@ pub fn pool(url: &str) -> Result<deadpool_redis::Pool, RedisError> {
         .map_err(|e| RedisError::Pool(e.to_string()))
 }
 
-/// The URL scheme that names a Redis Cluster.
-pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+/// The URL schemes that name a Redis Cluster (plain, TLS), and the scheme
+/// of their seed nodes' URLs.
+const CLUSTER_SCHEMES: [(&str, &str); 2] = [
+    ("redis+cluster://", "redis://"),
+    ("rediss+cluster://", "rediss://"),
+];
 
 /// The seed node URLs of a `redis+cluster://` URL (`redis://host:port/…`
-/// each), or `None` for a plain `redis://` / `rediss://` URL.
+/// each; `rediss://…` for `rediss+cluster://`), or `None` for a plain
+/// `redis://` / `rediss://` URL.
 pub fn cluster_nodes(url: &str) -> Option<Result<Vec<String>, String>> {
-    let rest = url.strip_prefix(CLUSTER_SCHEME)?;
+    let (scheme, rest, node_scheme) = CLUSTER_SCHEMES
+        .iter()
+        .find_map(|(scheme, node)| url.strip_prefix(scheme).map(|rest| (*scheme, rest, *node)))?;
     let (hosts, tail) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -58,10 +68,10 @@ pub fn cluster_nodes(url: &str) -> Option<Result<Vec<String>, String>> {
         .split(',')
         .map(str::trim)
         .filter(|h| !h.is_empty())
-        .map(|h| format!("redis://{h}{tail}"))
+        .map(|h| format!("{node_scheme}{h}{tail}"))
         .collect();
     if nodes.is_empty() {
-        return Some(Err("redis+cluster:// needs at least one host:port".into()));
+        return Some(Err(format!("{scheme} needs at least one host:port")));
     }
     Some(Ok(nodes))
 }
@@ -426,6 +436,15 @@ mod tests {
             Ok(vec!["redis://h:1/?password=x".to_string()])
         );
         assert!(cluster_nodes("redis+cluster://").unwrap().is_err());
+        assert_eq!(cluster_nodes("rediss://h:1/"), None);
+        assert_eq!(
+            cluster_nodes("rediss+cluster://10.0.0.1:7000,10.0.0.2:7001/?password=x").unwrap(),
+            Ok(vec![
+                "rediss://10.0.0.1:7000/?password=x".to_string(),
+                "rediss://10.0.0.2:7001/?password=x".to_string()
+            ])
+        );
+        assert!(cluster_nodes("rediss+cluster://").unwrap().is_err());
     }
 
     #[test]

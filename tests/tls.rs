@@ -7,7 +7,9 @@
 //! sees the new certificate (its DER, its issuer's trust), the sockets opened
 //! before keep receiving; a bad file on the next SIGHUP is logged and the
 //! node keeps the certificate it has. Half a pair of settings, or a file that
-//! does not parse, stops the start with a named error.
+//! does not parse, stops the start with a named error. Nodes also reach
+//! Redis over TLS (`rediss://`, `rediss+cluster://`) against a TLS-only
+//! `redis-server` with a certificate of the test's CA.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -474,4 +476,193 @@ async fn healthcheck_subcommand_on_plain_http() {
     node.kill();
     let (ok, out) = healthcheck(&[listen]);
     assert!(!ok && out.contains("unhealthy"), "{out}");
+}
+
+/// A `redis-server` that speaks TLS only (its plain port is 0), with the
+/// certificate of `pki`; a one-master cluster holding every slot when
+/// `cluster`. Killed on drop.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+}
+
+impl TlsRedis {
+    fn start(dir: &Path, pki: &Pki, cluster: bool) -> TlsRedis {
+        let (cert, key, ca) = (
+            dir.join("redis-cert.pem"),
+            dir.join("redis-key.pem"),
+            dir.join("redis-ca.pem"),
+        );
+        std::fs::write(&cert, &pki.cert_pem).unwrap();
+        std::fs::write(&key, &pki.key_pem).unwrap();
+        std::fs::write(&ca, &pki.ca_pem).unwrap();
+        for _ in 0..10 {
+            let port = switchboard_testkit::free_port();
+            let mut cmd = std::process::Command::new("redis-server");
+            cmd.args(["--port", "0", "--bind", "127.0.0.1"])
+                .args(["--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(&ca)
+                .args([
+                    "--tls-auth-clients",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            if cluster {
+                let bus = switchboard_testkit::free_port().to_string();
+                cmd.args(["--cluster-enabled", "yes", "--tls-cluster", "yes"])
+                    .args(["--cluster-port", &bus])
+                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")]);
+            }
+            let child = cmd.spawn().expect("redis-server");
+            let r = TlsRedis {
+                child,
+                port,
+                ca: ca.clone(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && r.cli(&["PING"]) != "PONG" {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if r.cli(&["PING"]) != "PONG" {
+                continue; // the port was taken before the server bound it
+            }
+            if cluster {
+                assert_eq!(r.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]), "OK");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !r.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                    assert!(Instant::now() < deadline, "the TLS cluster is not ok");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            return r;
+        }
+        panic!("a TLS redis-server did not start on any of 10 free ports");
+    }
+
+    /// `redis-cli` over TLS, trusting the test CA; its output, trimmed.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--tls", "--cacert"])
+            .arg(&self.ca)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain-HTTP node on `redis_url`, trusting `ca` (through `SSL_CERT_FILE`)
+/// or only the system's roots.
+async fn node_on_redis(dir: &Path, id: &str, redis_url: &str, ca: Option<&Path>) -> NodeProcess {
+    let mut launch = NodeProcess::launch(env!("CARGO_BIN_EXE_switchboard"))
+        .clean_env()
+        .log_file()
+        .wait_listening()
+        .within(WAIT * 3)
+        .env(
+            "DATABASE_URL",
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.join(format!("{id}.db")).display()
+            ),
+        )
+        .env("JWT_SECRET", SECRET)
+        .env("API_KEYS", API_KEY)
+        .env("NODE_ID", id)
+        .env("RUST_LOG", "info")
+        .env("REDIS_URL", redis_url);
+    if let Some(ca) = ca {
+        launch = launch.env("SSL_CERT_FILE", ca.display().to_string());
+    }
+    launch.start().await
+}
+
+async fn readyz(addr: SocketAddr) -> Option<u16> {
+    switchboard_testkit::http(addr, "GET", "/readyz", &[], None)
+        .await
+        .ok()
+        .map(|(s, _)| s)
+}
+
+/// Nodes reach one Redis (`rediss://`) and a Redis Cluster
+/// (`rediss+cluster://`) over TLS only: an event published on one node
+/// reaches a socket on the other through Redis. A node that does not trust
+/// Redis's CA never becomes ready and logs why: the certificate is checked.
+#[tokio::test]
+async fn nodes_reach_redis_and_a_redis_cluster_over_tls() {
+    let admin = mint(
+        SECRET.as_bytes(),
+        json!({"sub": "1", "role": "admin", "exp": 4_000_000_000u64}),
+    );
+    let pki = pki("redis test CA");
+    for (scheme, cluster) in [("rediss", false), ("rediss+cluster", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = TlsRedis::start(dir.path(), &pki, cluster);
+        let url = format!("{scheme}://127.0.0.1:{}/", redis.port);
+        let ca = redis.ca.clone();
+        let a = node_on_redis(dir.path(), "a", &url, Some(&ca)).await;
+        let b = node_on_redis(dir.path(), "b", &url, Some(&ca)).await;
+        for n in [&a, &b] {
+            wait_until(&format!("{scheme}: /readyz 200"), || async {
+                readyz(n.addr).await == Some(200)
+            })
+            .await;
+        }
+        let mut sock = Socket::connect_with(b.addr, &format!("/?token={admin}"), None, 64, None)
+            .await
+            .expect("ws connect");
+        assert_eq!(next_type(&mut sock).await, "connected");
+        let body = json!({"room": "admin-orders", "type": "over-tls", "data": {}});
+        let (status, text) = switchboard_testkit::http(
+            a.addr,
+            "POST",
+            "/api/publish",
+            &[("x-api-key", API_KEY)],
+            Some(body.to_string()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 204, "{scheme}: {}", String::from_utf8_lossy(&text));
+        assert_eq!(next_type(&mut sock).await, "over-tls", "{scheme}");
+        // The room's history is in Redis, which only TLS reaches.
+        let key = if cluster {
+            "sb:hist:{admin-orders}"
+        } else {
+            "sb:hist:admin-orders"
+        };
+        assert_eq!(redis.cli(&["XLEN", key]), "1", "{scheme}: {key}");
+
+        // Without the CA: never ready.
+        let untrusting = node_on_redis(dir.path(), "c", &url, None).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_ne!(
+            readyz(untrusting.addr).await,
+            Some(200),
+            "{scheme}: ready without trusting Redis's certificate: {}",
+            untrusting.log_text()
+        );
+        let log = untrusting.log_text();
+        assert!(log.contains("UnknownIssuer"), "{scheme}: {log}");
+    }
 }
