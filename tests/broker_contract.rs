@@ -1000,6 +1000,89 @@ async fn redis_cluster_subscriber_fills_a_gap_from_history() {
     assert_nothing_else(&b, &mut rx_b, "g", "after the gap").await;
 }
 
+/// `cmdstat_<cmd>`'s calls on the node at `port` (0 when never called).
+fn calls(cluster: &RedisCluster, port: u16, cmd: &str) -> u64 {
+    let info: String = redis::from_redis_value(
+        cluster
+            .on(port, redis::cmd("INFO").arg("commandstats"))
+            .unwrap(),
+    )
+    .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The append script runs by EVALSHA on a cluster; a master that lost its
+/// scripts (`SCRIPT FLUSH`, as a restarted master or a promoted replica
+/// has none) answers NOSCRIPT, and those publishes go again as EVAL: each
+/// is delivered and in the history once, the offsets have no gap.
+#[tokio::test]
+async fn redis_cluster_publisher_runs_the_script_again_after_noscript() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let setup = RedisSetup::cluster(&cluster);
+    let (sink_a, _rx_a) = TestSink::new();
+    let (sink_b, mut rx_b) = TestSink::new();
+    let a = setup.broker("ns:", sink_a.clone());
+    let b = setup.broker("ns:", sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    sink_b.want("s", true);
+    b.reconcile("s").await.unwrap();
+    let master = cluster.master_of("ns:hist:{s}");
+    let first = custom(&["s"], 1);
+    a.publish(Arc::new(first.clone())).await.unwrap();
+    assert_eq!(next(&mut rx_b, "first").await, ("s".into(), first));
+    let (sha0, eval0) = (
+        calls(&cluster, master, "evalsha"),
+        calls(&cluster, master, "eval"),
+    );
+    assert!(sha0 >= 1, "the first publish ran by EVALSHA");
+    for port in &cluster.ports {
+        cluster
+            .on(*port, redis::cmd("SCRIPT").arg("FLUSH"))
+            .unwrap();
+    }
+    // Several in one batch: one pipeline for the room, NOSCRIPT for each.
+    let events: Vec<Event> = (2..=4).map(|n| custom(&["s"], n)).collect();
+    let sent =
+        futures_util::future::join_all(events.iter().map(|e| a.publish(Arc::new(e.clone())))).await;
+    for r in sent {
+        r.expect("a publish after SCRIPT FLUSH");
+    }
+    for e in &events {
+        assert_eq!(
+            next(&mut rx_b, "after the flush").await,
+            ("s".into(), e.clone())
+        );
+    }
+    let fifth = custom(&["s"], 5);
+    a.publish(Arc::new(fifth.clone())).await.unwrap();
+    assert_eq!(next(&mut rx_b, "fifth").await, ("s".into(), fifth));
+    assert_eq!(
+        offsets_of(&sink_b, "s"),
+        (1..=5).map(Some).collect::<Vec<_>>()
+    );
+    let len: i64 = redis::from_redis_value(
+        cluster
+            .on(master, redis::cmd("XLEN").arg("ns:hist:{s}"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(len, 5, "each in the history once");
+    assert!(
+        calls(&cluster, master, "eval") > eval0,
+        "NOSCRIPT answered by EVAL"
+    );
+    assert!(
+        calls(&cluster, master, "evalsha") > sha0 + 1,
+        "EVALSHA again once the script was back"
+    );
+    assert_nothing_else(&b, &mut rx_b, "s", "after the flush").await;
+}
+
 // ---------------------------------------------------------------------------
 // A single Redis: the subscriber catches up after its connection is gone
 

@@ -21,7 +21,9 @@
 //! its epoch and last offset in the hash `{prefix}hist:{room}:meta` (`e`,
 //! `o`). One Lua script per room appends to the stream and PUBLISHes
 //! `"<offset>:<epoch> <json>"` atomically, so the offset a socket gets live
-//! is the one a replay reads. Both keys expire `HISTORY_TTL_SECS` after the last
+//! is the one a replay reads. It runs by EVALSHA; one Redis gets it loaded
+//! on each new publisher connection, a cluster master that answers NOSCRIPT
+//! gets those commands again as EVAL. Both keys expire `HISTORY_TTL_SECS` after the last
 //! publish; a room whose meta is gone gets a new epoch (its old stream is
 //! dropped). An event with an id is appended once per room: the key
 //! `{prefix}hist:{room}:id:{id}` (same TTL) remembers it.
@@ -191,8 +193,9 @@ struct HistoryKeys {
     size: String,
     ttl: String,
     append: redis::Script,
-    /// The append script's source, for EVAL on a cluster.
-    append_src: String,
+    /// The append script's source, for EVAL when a master answered
+    /// NOSCRIPT on a cluster.
+    append_src: Arc<str>,
 }
 
 impl HistoryKeys {
@@ -214,19 +217,14 @@ impl HistoryKeys {
             Some(id) => self.names.id(room, id),
             None => meta.clone(),
         };
-        // EVAL on a cluster: a node that never saw the script (a promoted
-        // replica, a moved slot) cannot answer NOSCRIPT inside a pipeline
-        // that is then retried; Redis caches the compiled script anyway.
-        let mut c = if self.names.cluster {
-            let mut c = redis::cmd("EVAL");
-            c.arg(&self.append_src);
-            c
-        } else {
-            let mut c = redis::cmd("EVALSHA");
-            c.arg(self.append.get_hash());
-            c
-        };
-        c.arg(3)
+        // EVALSHA: Redis would hash the script's source on every EVAL (10 %
+        // of a capped master's CPU in `loadgen fanout`). A Redis that does
+        // not have the script answers NOSCRIPT without running anything:
+        // one Redis loads it on every new connection, a cluster's master
+        // gets the command again as EVAL ([`unscripted`]).
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.append.get_hash())
+            .arg(3)
             .arg(&meta)
             .arg(self.names.stream(room))
             .arg(id_key)
@@ -263,7 +261,7 @@ impl RedisBroker {
             size: history.size.to_string(),
             ttl: history.ttl.as_secs().max(1).to_string(),
             append: redis::Script::new(&append_src),
-            append_src,
+            append_src: append_src.into(),
         });
         let lanes = if names.cluster { CLUSTER_LANES } else { 1 };
         let pub_tx = (0..lanes)
@@ -568,7 +566,16 @@ fn publish_cluster(
         .into_iter()
         .map(|(_, pipe)| {
             let mut c = c.clone();
-            async move { pipe.exec_async(&mut c).await }
+            let src = keys.append_src.clone();
+            async move {
+                match pipe.exec_async(&mut c).await {
+                    Err(e) => match unscripted(&pipe, e, &src) {
+                        Ok(again) => again.exec_async(&mut c).await,
+                        Err(e) => Err(e),
+                    },
+                    ok => ok,
+                }
+            }
         })
         .collect();
     async move {
@@ -577,6 +584,46 @@ fn publish_cluster(
         }
         Ok(())
     }
+}
+
+/// The commands of a room's pipeline that a master answered NOSCRIPT (it
+/// never had the append script: a promoted replica, a restart, a `SCRIPT
+/// FLUSH`), as EVAL with the script's source, in their order. NOSCRIPT runs
+/// nothing, and the pipeline's other commands ran, so only these go again
+/// (if another connection loaded the script in the middle of the pipeline,
+/// the commands after that point ran first and hold the earlier offsets).
+/// Any other error is returned as it is.
+fn unscripted(
+    pipe: &redis::Pipeline,
+    e: redis::RedisError,
+    src: &str,
+) -> Result<redis::Pipeline, redis::RedisError> {
+    let Some(errors) = e.clone().into_server_errors() else {
+        return Err(e);
+    };
+    if errors.is_empty()
+        || errors
+            .iter()
+            .any(|(_, err)| err.kind() != Some(redis::ServerErrorKind::NoScript))
+    {
+        return Err(e);
+    }
+    let mut again = redis::pipe();
+    for (i, cmd) in pipe.cmd_iter().enumerate() {
+        if !errors.iter().any(|(at, _)| *at == i) {
+            continue;
+        }
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(src);
+        // EVALSHA's name and hash, then the keys and arguments as they were.
+        for arg in cmd.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = arg {
+                eval.arg(bytes);
+            }
+        }
+        again.add_command(eval).ignore();
+    }
+    Ok(again)
 }
 
 /// A live message is the event JSON, preceded by `"<offset>:<epoch> "`
