@@ -25,7 +25,7 @@ use rcgen::{
 use serde_json::{Value, json};
 use switchboard_client::reconnect::{Client, ClientConfig, ClientEvent};
 use switchboard_client::{Incoming, Socket, Tls};
-use switchboard_testkit::{NodeProcess, mint};
+use switchboard_testkit::{Launch, NodeProcess, mint};
 
 const SECRET: &str = "tls-test-secret-0123456789abcdef";
 const API_KEY: &str = "tls-test-key";
@@ -77,7 +77,9 @@ impl Pki {
     }
 }
 
-async fn start_node(dir: &Path) -> NodeProcess {
+/// The node binary with what every node of this file has: its own SQLite
+/// file in `dir`, the test's secret and API key, node id `id`.
+fn launch(dir: &Path, id: &str) -> Launch {
     NodeProcess::launch(env!("CARGO_BIN_EXE_switchboard"))
         .clean_env()
         .log_file()
@@ -85,12 +87,19 @@ async fn start_node(dir: &Path) -> NodeProcess {
         .within(WAIT * 3)
         .env(
             "DATABASE_URL",
-            format!("sqlite://{}?mode=rwc", dir.join("sb.db").display()),
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.join(format!("{id}.db")).display()
+            ),
         )
         .env("JWT_SECRET", SECRET)
         .env("API_KEYS", API_KEY)
-        .env("NODE_ID", "tls")
+        .env("NODE_ID", id)
         .env("RUST_LOG", "info")
+}
+
+async fn start_node(dir: &Path) -> NodeProcess {
+    launch(dir, "tls")
         .env("SHUTDOWN_GRACE_SECS", "3")
         .env("TLS_CERT_FILE", dir.join("cert.pem").display().to_string())
         .env("TLS_KEY_FILE", dir.join("key.pem").display().to_string())
@@ -575,23 +584,7 @@ impl Drop for TlsRedis {
 /// A plain-HTTP node on `redis_url`, trusting `ca` (through `SSL_CERT_FILE`)
 /// or only the system's roots.
 async fn node_on_redis(dir: &Path, id: &str, redis_url: &str, ca: Option<&Path>) -> NodeProcess {
-    let mut launch = NodeProcess::launch(env!("CARGO_BIN_EXE_switchboard"))
-        .clean_env()
-        .log_file()
-        .wait_listening()
-        .within(WAIT * 3)
-        .env(
-            "DATABASE_URL",
-            format!(
-                "sqlite://{}?mode=rwc",
-                dir.join(format!("{id}.db")).display()
-            ),
-        )
-        .env("JWT_SECRET", SECRET)
-        .env("API_KEYS", API_KEY)
-        .env("NODE_ID", id)
-        .env("RUST_LOG", "info")
-        .env("REDIS_URL", redis_url);
+    let mut launch = launch(dir, id).env("REDIS_URL", redis_url);
     if let Some(ca) = ca {
         launch = launch.env("SSL_CERT_FILE", ca.display().to_string());
     }
