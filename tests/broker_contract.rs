@@ -1000,29 +1000,31 @@ async fn redis_cluster_subscriber_fills_a_gap_from_history() {
     assert_nothing_else(&b, &mut rx_b, "g", "after the gap").await;
 }
 
-/// `cmdstat_<cmd>`'s calls on the node at `port` (0 when never called).
-fn calls(cluster: &RedisCluster, port: u16, cmd: &str) -> u64 {
-    let info: String = redis::from_redis_value(
-        cluster
-            .on(port, redis::cmd("INFO").arg("commandstats"))
-            .unwrap(),
-    )
-    .unwrap();
+/// A command on the Redis at `port` (the room's master, on a cluster).
+fn on_port(port: u16, cmd: &redis::Cmd) -> redis::Value {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap();
+    cmd.query(&mut conn).unwrap()
+}
+
+/// `cmdstat_<cmd>`'s calls on the Redis at `port` (0 when never called).
+fn calls(port: u16, cmd: &str) -> u64 {
+    let info: String =
+        redis::from_redis_value(on_port(port, redis::cmd("INFO").arg("commandstats"))).unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
         .and_then(|rest| rest.split(',').next()?.parse().ok())
         .unwrap_or(0)
 }
 
-/// The append script runs by EVALSHA on a cluster; a master that lost its
-/// scripts (`SCRIPT FLUSH`, as a restarted master or a promoted replica
-/// has none) answers NOSCRIPT, and those publishes go again as EVAL: each
-/// is delivered and in the history once, the offsets have no gap.
-#[tokio::test]
-async fn redis_cluster_publisher_runs_the_script_again_after_noscript() {
-    init_tracing();
-    let cluster = RedisCluster::start(3);
-    let setup = RedisSetup::cluster(&cluster);
+/// The append script runs by EVALSHA; a Redis that lost its scripts
+/// (`SCRIPT FLUSH` on every port in `ports`, as a restarted master or a
+/// promoted replica has none) answers NOSCRIPT on a connection that is not
+/// new, and those publishes go again as EVAL: each is delivered and in the
+/// history once, the offsets have no gap. `master`: the room's Redis.
+async fn script_lost(setup: &RedisSetup, ports: &[u16], master: u16, stream: &str) {
     let (sink_a, _rx_a) = TestSink::new();
     let (sink_b, mut rx_b) = TestSink::new();
     let a = setup.broker("ns:", sink_a.clone());
@@ -1031,19 +1033,13 @@ async fn redis_cluster_publisher_runs_the_script_again_after_noscript() {
     wait_healthy(&b, true).await;
     sink_b.want("s", true);
     b.reconcile("s").await.unwrap();
-    let master = cluster.master_of("ns:hist:{s}");
     let first = custom(&["s"], 1);
     a.publish(Arc::new(first.clone())).await.unwrap();
     assert_eq!(next(&mut rx_b, "first").await, ("s".into(), first));
-    let (sha0, eval0) = (
-        calls(&cluster, master, "evalsha"),
-        calls(&cluster, master, "eval"),
-    );
+    let (sha0, eval0) = (calls(master, "evalsha"), calls(master, "eval"));
     assert!(sha0 >= 1, "the first publish ran by EVALSHA");
-    for port in &cluster.ports {
-        cluster
-            .on(*port, redis::cmd("SCRIPT").arg("FLUSH"))
-            .unwrap();
+    for port in ports {
+        on_port(*port, redis::cmd("SCRIPT").arg("FLUSH"));
     }
     // Several in one batch: one pipeline for the room, NOSCRIPT for each.
     let events: Vec<Event> = (2..=4).map(|n| custom(&["s"], n)).collect();
@@ -1065,22 +1061,37 @@ async fn redis_cluster_publisher_runs_the_script_again_after_noscript() {
         offsets_of(&sink_b, "s"),
         (1..=5).map(Some).collect::<Vec<_>>()
     );
-    let len: i64 = redis::from_redis_value(
-        cluster
-            .on(master, redis::cmd("XLEN").arg("ns:hist:{s}"))
-            .unwrap(),
-    )
-    .unwrap();
+    let len: i64 =
+        redis::from_redis_value(on_port(master, redis::cmd("XLEN").arg(stream))).unwrap();
     assert_eq!(len, 5, "each in the history once");
+    assert!(calls(master, "eval") > eval0, "NOSCRIPT answered by EVAL");
     assert!(
-        calls(&cluster, master, "eval") > eval0,
-        "NOSCRIPT answered by EVAL"
-    );
-    assert!(
-        calls(&cluster, master, "evalsha") > sha0 + 1,
+        calls(master, "evalsha") > sha0 + 1,
         "EVALSHA again once the script was back"
     );
     assert_nothing_else(&b, &mut rx_b, "s", "after the flush").await;
+}
+
+#[tokio::test]
+async fn redis_publisher_runs_the_script_again_after_noscript() {
+    init_tracing();
+    let redis = RedisServer::start();
+    let port = redis.port;
+    script_lost(&RedisSetup::new(&redis), &[port], port, "ns:hist:s").await;
+}
+
+#[tokio::test]
+async fn redis_cluster_publisher_runs_the_script_again_after_noscript() {
+    init_tracing();
+    let cluster = RedisCluster::start(3);
+    let master = cluster.master_of("ns:hist:{s}");
+    script_lost(
+        &RedisSetup::cluster(&cluster),
+        &cluster.ports,
+        master,
+        "ns:hist:{s}",
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------

@@ -22,8 +22,8 @@
 //! `o`). One Lua script per room appends to the stream and PUBLISHes
 //! `"<offset>:<epoch> <json>"` atomically, so the offset a socket gets live
 //! is the one a replay reads. It runs by EVALSHA; one Redis gets it loaded
-//! on each new publisher connection, a cluster master that answers NOSCRIPT
-//! gets those commands again as EVAL. Both keys expire `HISTORY_TTL_SECS` after the last
+//! on each new publisher connection, and a Redis (or cluster master) that
+//! answers NOSCRIPT gets those commands again as EVAL. Both keys expire `HISTORY_TTL_SECS` after the last
 //! publish; a room whose meta is gone gets a new epoch (its old stream is
 //! dropped). An event with an id is appended once per room: the key
 //! `{prefix}hist:{room}:id:{id}` (same TTL) remembers it.
@@ -219,9 +219,9 @@ impl HistoryKeys {
         };
         // EVALSHA: Redis would hash the script's source on every EVAL (10 %
         // of a capped master's CPU in `loadgen fanout`). A Redis that does
-        // not have the script answers NOSCRIPT without running anything:
-        // one Redis loads it on every new connection, a cluster's master
-        // gets the command again as EVAL ([`unscripted`]).
+        // not have the script answers NOSCRIPT without running anything,
+        // and gets the command again as EVAL ([`unscripted`]); one Redis
+        // also gets it loaded on every new publisher connection.
         let mut c = redis::cmd("EVALSHA");
         c.arg(self.append.get_hash())
             .arg(3)
@@ -540,7 +540,20 @@ fn publish_single(
         }
     }
     let mut c = c.clone();
-    async move { pipe.exec_async(&mut c).await }
+    let src = keys.append_src.clone();
+    async move { exec_scripted(pipe, &mut c, &src).await }
+}
+
+/// Runs `pipe`; the commands a Redis answered NOSCRIPT go again as EVAL
+/// ([`unscripted`]).
+async fn exec_scripted(pipe: redis::Pipeline, c: &mut Conn, src: &str) -> redis::RedisResult<()> {
+    match pipe.exec_async(c).await {
+        Err(e) => match unscripted(&pipe, e, src) {
+            Ok(again) => again.exec_async(c).await,
+            Err(e) => Err(e),
+        },
+        ok => ok,
+    }
 }
 
 /// A cluster: a pipeline per room (its commands share the room's slot and
@@ -567,15 +580,7 @@ fn publish_cluster(
         .map(|(_, pipe)| {
             let mut c = c.clone();
             let src = keys.append_src.clone();
-            async move {
-                match pipe.exec_async(&mut c).await {
-                    Err(e) => match unscripted(&pipe, e, &src) {
-                        Ok(again) => again.exec_async(&mut c).await,
-                        Err(e) => Err(e),
-                    },
-                    ok => ok,
-                }
-            }
+            async move { exec_scripted(pipe, &mut c, &src).await }
         })
         .collect();
     async move {
@@ -586,8 +591,8 @@ fn publish_cluster(
     }
 }
 
-/// The commands of a room's pipeline that a master answered NOSCRIPT (it
-/// never had the append script: a promoted replica, a restart, a `SCRIPT
+/// The commands of a pipeline that Redis answered NOSCRIPT (it never had
+/// the append script: a cluster's promoted replica, a restart, a `SCRIPT
 /// FLUSH`), as EVAL with the script's source, in their order. NOSCRIPT runs
 /// nothing, and the pipeline's other commands ran, so only these go again
 /// (if another connection loaded the script in the middle of the pipeline,
