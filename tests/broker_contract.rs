@@ -1002,11 +1002,7 @@ async fn redis_cluster_subscriber_fills_a_gap_from_history() {
 
 /// A command on the Redis at `port` (the room's master, on a cluster).
 fn on_port(port: u16, cmd: &redis::Cmd) -> redis::Value {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
-    let mut conn = client
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .unwrap();
-    cmd.query(&mut conn).unwrap()
+    switchboard_testkit::command_on(port, cmd).unwrap()
 }
 
 /// `cmdstat_<cmd>`'s calls on the Redis at `port` (0 when never called).

@@ -12,6 +12,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
+/// Runs a command on the Redis at 127.0.0.1:`port` (synchronously, on a
+/// connection of its own; for setup and checks).
+pub fn command_on(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    cmd.query(&mut conn)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -255,9 +263,7 @@ impl RedisCluster {
 
     /// Runs a command on one node (synchronously; for setup and checks).
     pub fn on(&self, port: u16, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
-        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        cmd.query(&mut conn)
+        command_on(port, cmd)
     }
 
     /// Waits until every live node says `cluster_state:ok` and agrees on
