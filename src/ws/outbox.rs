@@ -368,13 +368,7 @@ impl Outbox {
         for (room, epoch, offset) in floors {
             match out.floors.iter_mut().find(|f| *f.room == *room) {
                 Some(f) if f.epoch == epoch => f.offset = f.offset.max(offset),
-                Some(f) => {
-                    *f = Floor {
-                        room: room.into(),
-                        epoch,
-                        offset,
-                    }
-                }
+                Some(f) => (f.epoch, f.offset) = (epoch, offset),
                 None => out.floors.push(Floor {
                     room: room.into(),
                     epoch,
