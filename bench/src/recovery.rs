@@ -1039,7 +1039,7 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
             fr.restarts, fr.stuck
         );
     }
-    for line in &t.samples {
+    for line in t.dup_samples.iter().chain(&t.samples) {
         println!("  ! {line}");
     }
     if !quiet {
@@ -1098,22 +1098,24 @@ pub(crate) struct Totals {
     pub(crate) errors: BTreeMap<String, u64>,
     /// The first few anomalies, spelled out.
     pub(crate) samples: Vec<String>,
-    dups_sampled: usize,
+    /// The first few duplicates, apart (losses cannot crowd them out).
+    pub(crate) dup_samples: Vec<String>,
+}
+
+/// Keeps `what` if `into` has fewer than 10.
+fn keep_sample(into: &mut Vec<String>, what: String) {
+    if into.len() < 10 {
+        into.push(what);
+    }
 }
 
 impl Totals {
     fn sample(&mut self, what: String) {
-        if self.samples.len() < 10 {
-            self.samples.push(what);
-        }
+        keep_sample(&mut self.samples, what);
     }
 
-    /// A duplicate: kept (up to 10) even when losses filled `samples`.
     fn sample_dup(&mut self, what: String) {
-        if self.dups_sampled < 10 {
-            self.dups_sampled += 1;
-            self.samples.push(what);
-        }
+        keep_sample(&mut self.dup_samples, what);
     }
 
     pub(crate) fn add(

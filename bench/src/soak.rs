@@ -758,16 +758,12 @@ async fn scenario(a: Args) -> anyhow::Result<()> {
             lost.unexplained_by_minute
         );
     }
-    // Duplicates first (`Totals` keeps up to 10 of them whatever the
-    // losses), then the losses.
-    let (dups, others): (Vec<&String>, Vec<&String>) = t
-        .samples
+    // Duplicates first, then the losses.
+    for line in t
+        .dup_samples
         .iter()
-        .partition(|l| l.contains(" times, through "));
-    for line in dups
-        .into_iter()
-        .chain(lost.samples.iter())
-        .chain(others)
+        .chain(&lost.samples)
+        .chain(&t.samples)
         .take(30)
     {
         println!("  ! {line}");
