@@ -689,7 +689,10 @@ impl Subscriber {
     }
 
     /// Of the `touched` rooms, those to subscribe (wanted, not held) and
-    /// to unsubscribe (held, no longer wanted).
+    /// to unsubscribe (held, no longer wanted). A room about to be
+    /// subscribed afresh loses its track: it starts from now (an old track,
+    /// from before the node left it, would make its first message look like
+    /// a gap and replay history the members already have).
     fn changes(
         &self,
         touched: HashSet<String>,
@@ -704,6 +707,7 @@ impl Subscriber {
                 _ => {}
             }
         }
+        self.tracker.forget(&to_sub);
         (to_sub, to_unsub)
     }
 
@@ -843,10 +847,6 @@ impl Subscriber {
                 }
             }
             let (to_sub, to_unsub) = self.changes(touched, &subscribed);
-            // A room subscribed afresh starts from now: an old track (from
-            // before the node left it) would make its first message look
-            // like a gap and replay history the members already have.
-            self.tracker.forget(&to_sub);
             let start = Instant::now();
             let result = async {
                 if !to_sub.is_empty() {
@@ -1160,7 +1160,6 @@ impl Subscriber {
         if to_sub.is_empty() && to_unsub.is_empty() {
             return Ok(());
         }
-        self.tracker.forget(&to_sub);
         let r = async {
             let c = Self::cluster_conn(client, conn).await?;
             if !to_sub.is_empty() {
