@@ -123,6 +123,30 @@ async fn wait_healthy<B: Broker>(broker: &B, healthy: bool) {
 }
 
 /// The one contract body, for any broker `make` builds over a sink.
+/// Two brokers on `setup` under `prefix`, both healthy: `a` publishes,
+/// `b` listens to `rooms` (its deliveries on `rx_b`).
+struct Pair {
+    a: RedisBroker,
+    b: RedisBroker,
+    sink_b: Arc<TestSink>,
+    rx_b: Deliveries,
+}
+
+async fn pair<R: AsRef<str>>(setup: &RedisSetup, prefix: &str, rooms: &[R]) -> Pair {
+    // What `a` hears is not looked at.
+    let (sink_a, _) = TestSink::new();
+    let (sink_b, rx_b) = TestSink::new();
+    let a = setup.broker(prefix, sink_a);
+    let b = setup.broker(prefix, sink_b.clone());
+    wait_healthy(&a, true).await;
+    wait_healthy(&b, true).await;
+    for r in rooms {
+        sink_b.want(r.as_ref(), true);
+        b.reconcile(r.as_ref()).await.unwrap();
+    }
+    Pair { a, b, sink_b, rx_b }
+}
+
 async fn contract<B: Broker>(make: impl FnOnce(Arc<dyn Sink>) -> B) {
     contract_with(make, true).await
 }
@@ -792,17 +816,14 @@ async fn redis_cluster_failover_is_survived_and_recovery_covers_the_gap() {
     init_tracing();
     let mut cluster = RedisCluster::start_with(3, 1);
     let setup = RedisSetup::cluster(&cluster);
-    let (sink_a, _rx_a) = TestSink::new();
-    let (sink_b, mut rx_b) = TestSink::new();
-    let a = Arc::new(setup.broker("fo:", sink_a.clone()));
-    let b = setup.broker("fo:", sink_b.clone());
-    wait_healthy(&*a, true).await;
-    wait_healthy(&b, true).await;
     let rooms: Vec<String> = (0..6).map(|i| format!("busy-{i}")).collect();
-    for r in &rooms {
-        sink_b.want(r, true);
-        b.reconcile(r).await.unwrap();
-    }
+    let Pair {
+        a,
+        b,
+        sink_b,
+        mut rx_b,
+    } = pair(&setup, "fo:", &rooms).await;
+    let a = Arc::new(a);
     let busy = "busy-0";
     let start = b.position(busy).await.unwrap().unwrap();
     let doomed = cluster.master_of(&format!("fo:room:{{{busy}}}"));
@@ -944,14 +965,12 @@ async fn redis_cluster_subscriber_fills_a_gap_from_history() {
     init_tracing();
     let cluster = RedisCluster::start(3);
     let setup = RedisSetup::cluster(&cluster);
-    let (sink_a, _rx_a) = TestSink::new();
-    let (sink_b, mut rx_b) = TestSink::new();
-    let a = setup.broker("gap:", sink_a.clone());
-    let b = setup.broker("gap:", sink_b.clone());
-    wait_healthy(&a, true).await;
-    wait_healthy(&b, true).await;
-    sink_b.want("g", true);
-    b.reconcile("g").await.unwrap();
+    let Pair {
+        a,
+        b,
+        sink_b,
+        mut rx_b,
+    } = pair(&setup, "gap:", &["g"]).await;
     let first = custom(&["g"], 1);
     a.publish(Arc::new(first.clone())).await.unwrap();
     assert_eq!(next(&mut rx_b, "first").await, ("g".into(), first));
@@ -1021,14 +1040,12 @@ fn calls(port: u16, cmd: &str) -> u64 {
 /// new, and those publishes go again as EVAL: each is delivered and in the
 /// history once, the offsets have no gap. `master`: the room's Redis.
 async fn script_lost(setup: &RedisSetup, ports: &[u16], master: u16, stream: &str) {
-    let (sink_a, _rx_a) = TestSink::new();
-    let (sink_b, mut rx_b) = TestSink::new();
-    let a = setup.broker("ns:", sink_a.clone());
-    let b = setup.broker("ns:", sink_b.clone());
-    wait_healthy(&a, true).await;
-    wait_healthy(&b, true).await;
-    sink_b.want("s", true);
-    b.reconcile("s").await.unwrap();
+    let Pair {
+        a,
+        b,
+        sink_b,
+        mut rx_b,
+    } = pair(setup, "ns:", &["s"]).await;
     let first = custom(&["s"], 1);
     a.publish(Arc::new(first.clone())).await.unwrap();
     assert_eq!(next(&mut rx_b, "first").await, ("s".into(), first));
@@ -1124,17 +1141,8 @@ async fn subscriber_catches_up(fault: SubscriberFault) {
     init_tracing();
     let mut redis = RedisServer::start();
     let setup = RedisSetup::new(&redis);
-    let (sink_a, _rx_a) = TestSink::new();
-    let (sink_b, mut rx_b) = TestSink::new();
-    let a = setup.broker("cu:", sink_a.clone());
-    let b = setup.broker("cu:", sink_b.clone());
-    wait_healthy(&a, true).await;
-    wait_healthy(&b, true).await;
     let rooms = ["busy", "quiet", "fresh"];
-    for r in rooms {
-        sink_b.want(r, true);
-        b.reconcile(r).await.unwrap();
-    }
+    let Pair { a, b, mut rx_b, .. } = pair(&setup, "cu:", &rooms).await;
     let mut n = 0u64;
     let mut expect: Vec<(String, Event)> = Vec::new();
     // Before the fault: busy and quiet have history, fresh has none.
@@ -1250,14 +1258,7 @@ async fn redis_cluster_subscriber_catches_up_a_quiet_room() {
     init_tracing();
     let cluster = RedisCluster::start(3);
     let setup = RedisSetup::cluster(&cluster);
-    let (sink_a, _rx_a) = TestSink::new();
-    let (sink_b, mut rx_b) = TestSink::new();
-    let a = setup.broker("cq:", sink_a.clone());
-    let b = setup.broker("cq:", sink_b.clone());
-    wait_healthy(&a, true).await;
-    wait_healthy(&b, true).await;
-    sink_b.want("q", true);
-    b.reconcile("q").await.unwrap();
+    let Pair { a, b, mut rx_b, .. } = pair(&setup, "cq:", &["q"]).await;
     let first = custom(&["q"], 1);
     a.publish(Arc::new(first.clone())).await.unwrap();
     assert_eq!(next(&mut rx_b, "first").await, ("q".into(), first));
@@ -1320,14 +1321,12 @@ async fn a_room_left_during_an_outage_starts_afresh_when_joined_again() {
     init_tracing();
     let mut redis = RedisServer::start();
     let setup = RedisSetup::new(&redis);
-    let (sink_a, _rx_a) = TestSink::new();
-    let (sink_b, mut rx_b) = TestSink::new();
-    let a = setup.broker("af:", sink_a.clone());
-    let b = setup.broker("af:", sink_b.clone());
-    wait_healthy(&a, true).await;
-    wait_healthy(&b, true).await;
-    sink_b.want("r", true);
-    b.reconcile("r").await.unwrap();
+    let Pair {
+        a,
+        b,
+        sink_b,
+        mut rx_b,
+    } = pair(&setup, "af:", &["r"]).await;
     for n in 1..=3 {
         a.publish(Arc::new(custom(&["r"], n))).await.unwrap();
         next(&mut rx_b, "before the outage").await;
